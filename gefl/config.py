@@ -1,0 +1,267 @@
+"""Run configuration: nested dataclasses, read from YAML, every key checked.
+
+A config file only states what differs from the defaults below. An unknown key, a value of the
+wrong type or an out-of-range value fails with the dotted key path named, because a silently
+ignored typo ("local_epoch: 1") would produce a quietly wrong experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gefl.errors import GeflError
+from gefl.models import PAPER_TIERS
+
+
+@dataclass
+class PartitionConfig:
+    kind: str = "iid"
+    """iid | dirichlet | shards"""
+    samples_per_client: int | None = 600
+    """Images per client drawn from the training set (the paper: 600); null = the whole set."""
+    alpha: float = 0.3
+    shards_per_client: int = 2
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    local_epochs: int = 5
+    prox_mu: float = 0.01
+    """FedProx only."""
+
+
+@dataclass
+class GeneratorConfig:
+    family: str = "cvae-f"
+    preset: str | None = "small"
+    widths: list[int] | None = None
+    """Overrides the preset's widths."""
+    latent: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    local_epochs: int = 5
+
+
+@dataclass
+class GeflConfig:
+    warmup_rounds: int = 20
+    generator_rounds: int = 100
+    generated_passes: int = 1
+    """Passes over generated features per head round (each pass as many batches as local data)."""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
+class AggregationConfig:
+    weighted: bool = True
+    """Weight client updates by their sample counts; the paper averages unweighted."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+    """Evaluate at round 1 of each training phase, every k-th round, and the phase's last."""
+    batch_size: int = 1000
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    seed: int = 0
+    algorithm: str = "gefl-f"
+    """fedavg | fedprox | lg-fedavg | gefl-f"""
+    num_clients: int = 10
+    tiers: list[str] = field(default_factory=lambda: list(PAPER_TIERS))
+    """Client i trains tiers[i % len(tiers)]."""
+    client_fraction: float = 1.0
+    rounds: int = 50
+    """Classifier rounds: all rounds for the baselines, head rounds (after warm-up) for gefl-f."""
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gefl: GeflConfig = field(default_factory=GeflConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    workers: int | None = None
+    """Processes training clients in parallel; null = one per CPU core (capped by clients)."""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+
+    def tier_of(self, client_id: int) -> str:
+        return self.tiers[client_id % len(self.tiers)]
+
+
+# --------------------------------------------------------------------------- conversion
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except GeflError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else GeflError(f"config key {key!r} may not be null")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise GeflError(f"config key {key!r} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise GeflError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise GeflError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise GeflError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise GeflError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise GeflError(f"config section {prefix or 'top level'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise GeflError(
+            f"unknown config key {where}{unknown[0]!r}; valid keys{' under ' + prefix if prefix else ''} are: "
+            + ", ".join(sorted(names))
+        )
+    kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise GeflError(f"config key {key!r} must be positive, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks and name checks that need the registries."""
+    from gefl.algorithms import ALGORITHMS
+    from gefl.data import PARTITIONS, list_datasets
+    from gefl.errors import unknown_name
+    from gefl.generators import list_generators
+    from gefl.models import list_tiers
+
+    if cfg.algorithm not in ALGORITHMS:
+        raise unknown_name("algorithm", cfg.algorithm, ALGORITHMS)
+    if cfg.dataset not in list_datasets():
+        raise unknown_name("dataset", cfg.dataset, list_datasets())
+    if not cfg.tiers:
+        raise GeflError("config key 'tiers' must list at least one tier")
+    for tier in cfg.tiers:
+        if tier not in list_tiers():
+            raise unknown_name("tier", tier, list_tiers())
+    if cfg.partition.kind not in PARTITIONS:
+        raise unknown_name("partition", cfg.partition.kind, PARTITIONS)
+    if cfg.gefl.generator.family not in list_generators():
+        raise unknown_name("generator family", cfg.gefl.generator.family, list_generators())
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise GeflError(f"config key 'device' must be auto, cpu or cuda, got {cfg.device!r}")
+    for key, value in [
+        ("num_clients", cfg.num_clients), ("rounds", cfg.rounds), ("train.lr", cfg.train.lr),
+        ("train.batch_size", cfg.train.batch_size), ("train.local_epochs", cfg.train.local_epochs),
+        ("eval.every", cfg.eval.every), ("eval.batch_size", cfg.eval.batch_size),
+        ("partition.alpha", cfg.partition.alpha),
+    ]:
+        _positive(key, value)
+    for key, value in [
+        ("gefl.warmup_rounds", cfg.gefl.warmup_rounds), ("gefl.generator_rounds", cfg.gefl.generator_rounds),
+        ("gefl.generated_passes", cfg.gefl.generated_passes), ("train.momentum", cfg.train.momentum),
+        ("train.weight_decay", cfg.train.weight_decay), ("train.prox_mu", cfg.train.prox_mu),
+    ]:
+        if value < 0:
+            raise GeflError(f"config key {key!r} must not be negative, got {value}")
+    if cfg.partition.samples_per_client is not None:
+        _positive("partition.samples_per_client", cfg.partition.samples_per_client)
+    if not 0 < cfg.client_fraction <= 1:
+        raise GeflError(f"config key 'client_fraction' must be in (0, 1], got {cfg.client_fraction}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise GeflError(f"config key 'workers' must be at least 1 (or null for one per core), got {cfg.workers}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=0.05' -> (['train', 'lr'], 0.05); the value is read as YAML ('[a, b]', 'null', 'true')."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise GeflError(f"--set expects key=value (for example train.lr=0.05), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise GeflError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise GeflError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None = defaults), apply `key=value` overrides, check everything."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise GeflError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise GeflError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise GeflError(f"config file {p} must hold a mapping of keys to values")
+    data = apply_overrides(data, overrides or [])
+    return validate(_from_dict(Config, data))
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_from_dict(Config, data))

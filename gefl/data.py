@@ -1,0 +1,348 @@
+"""Datasets and partitions.
+
+Every dataset is decoded once into uint8 arrays and turned into one float tensor, resized to
+32x32 and normalised to [-1, 1]; training then only indexes tensors. Decoding reads the raw
+distribution formats (IDX for MNIST-like sets, the binary CIFAR-10 batches) with numpy, so no
+pickle is ever loaded from a data directory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gefl.errors import GeflError, unknown_name
+
+IMAGE_SIZE = 32
+MEAN, STD = 0.5, 0.5
+"""Normalisation of the paper: (x - 0.5) / 0.5 maps [0, 1] pixels to [-1, 1]."""
+
+SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
+
+
+@dataclass
+class Split:
+    """Images as float32 (N, C, 32, 32) in [-1, 1] and labels as int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Split:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --------------------------------------------------------------------------- raw formats
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) as used by MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise GeflError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise GeflError(f"{path} is truncated: its IDX header is incomplete")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise GeflError(f"{path} holds {len(data) - header} bytes of data, its header promises {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _idx_dir_complete(directory: Path) -> bool:
+    return all(_find_idx(directory, stem) for pair in IDX_FILES.values() for stem in pair)
+
+
+def _load_idx_dir(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    out = []
+    for split in ("train", "test"):
+        images_path, labels_path = (_find_idx(directory, s) for s in IDX_FILES[split])
+        assert images_path is not None and labels_path is not None
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if len(images) != len(labels):
+            raise GeflError(f"{directory}: {split} has {len(images)} images but {len(labels)} labels")
+        out += [images[:, None], labels]
+    return out[0], out[1], out[2], out[3]
+
+
+CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one batch of CIFAR-10's binary version: records of 1 label byte + 3072 pixel bytes."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR_RECORD:
+        raise GeflError(f"{path} is not a CIFAR-10 binary batch ({raw.size} bytes is not a multiple of {CIFAR_RECORD})")
+    records = raw.reshape(-1, CIFAR_RECORD)
+    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
+
+
+def _cifar_dir_complete(directory: Path) -> bool:
+    return (directory / "test_batch.bin").is_file() and (directory / "data_batch_1.bin").is_file()
+
+
+def _load_cifar_dir(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    parts = [read_cifar_bin(p) for p in sorted(directory.glob("data_batch_*.bin"))]
+    test_x, test_y = read_cifar_bin(directory / "test_batch.bin")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x, test_y
+
+
+# --------------------------------------------------------------------------- registry
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""train images (N, C, H, W) uint8, train labels, test images, test labels."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    classes: tuple[str, ...]
+    load: Callable[[Path | None], Arrays]
+    how_to_get: str
+
+
+_DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(
+    name: str, classes: Sequence[str], load: Callable[[Path | None], Arrays], how_to_get: str = ""
+) -> None:
+    """Add a dataset. `load(data_dir)` returns uint8 arrays (train_x, train_y, test_x, test_y),
+    images shaped (N, C, H, W); `data_dir` is the user's --data-dir or $GEFL_DATA_DIR, or None.
+    The arrays are resized and normalised here, like the built-in sets.
+    """
+    if name in _DATASETS:
+        raise GeflError(f"dataset {name!r} is already registered; pick another name")
+    _DATASETS[name] = DatasetSpec(name, tuple(classes), load, how_to_get)
+
+
+def list_datasets() -> list[str]:
+    return list(_DATASETS)
+
+
+def torchvision_cache() -> Path:
+    """Where torchvision datasets live when nobody says otherwise (TORCH_HOME aware)."""
+    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    return Path(torch_home) / "datasets"
+
+
+def _candidate_dirs(name: str, tv_folder: str, data_dir: Path | None, extra: Sequence[str] = ()) -> list[Path]:
+    """Directories to try, in the documented order: user dir, $GEFL_DATA_DIR, system, torchvision cache."""
+    roots: list[Path] = []
+    if data_dir is not None:
+        roots.append(data_dir)
+    if os.environ.get("GEFL_DATA_DIR"):
+        roots.append(Path(os.environ["GEFL_DATA_DIR"]))
+    roots.append(SYSTEM_DATA_ROOT / name)
+    dirs: list[Path] = []
+    for root in roots:
+        dirs += [root, root / name, root / tv_folder / "raw", *(root / e for e in extra)]
+    dirs += [torchvision_cache() / tv_folder / "raw", *(torchvision_cache() / e for e in extra)]
+    return dirs
+
+
+def _idx_loader(name: str, tv_folder: str) -> Callable[[Path | None], Arrays]:
+    def load(data_dir: Path | None) -> Arrays:
+        for directory in _candidate_dirs(name, tv_folder, data_dir):
+            if _idx_dir_complete(directory):
+                return _load_idx_dir(directory)
+        _torchvision_download(tv_folder)
+        return _load_idx_dir(torchvision_cache() / tv_folder / "raw")
+
+    return load
+
+
+def _load_cifar10(data_dir: Path | None) -> Arrays:
+    for directory in _candidate_dirs("cifar-10", "cifar-10-batches-bin", data_dir, ["cifar-10-batches-bin"]):
+        if _cifar_dir_complete(directory):
+            return _load_cifar_dir(directory)
+    _torchvision_download("CIFAR10")
+    raise AssertionError("unreachable: the download either raised or is not supported")
+
+
+def _torchvision_download(tv_folder: str) -> None:
+    """Last resort: torchvision's own download into its cache. Needs internet."""
+    import torchvision.datasets as tvd
+
+    root = torchvision_cache()
+    try:
+        if tv_folder == "CIFAR10":
+            # torchvision fetches CIFAR's pickled python version, which we do not unpickle.
+            raise GeflError("CIFAR-10 must be in its binary version (cifar-10-batches-bin)")
+        getattr(tvd, tv_folder)(root=str(root), train=True, download=True)
+        getattr(tvd, tv_folder)(root=str(root), train=False, download=True)
+    except Exception as exc:  # no network, DNS failure, HTTP errors: all mean "not available"
+        raise GeflError("download failed: " + str(exc).splitlines()[0] if str(exc) else "download failed") from exc
+
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+register_dataset(
+    "fashion-mnist", FASHION_CLASSES, _idx_loader("fashion-mnist", "FashionMNIST"),
+    "On Debian/Ubuntu run `sudo apt-get install dataset-fashion-mnist` (files land in "
+    "/usr/share/datasets/fashion-mnist/), or put the four IDX files (train-images-idx3-ubyte.gz, ...) "
+    "in a directory and pass --data-dir DIR or set GEFL_DATA_DIR.",
+)
+register_dataset(
+    "mnist", tuple(str(i) for i in range(10)), _idx_loader("mnist", "MNIST"),
+    "Put MNIST's four IDX files (train-images-idx3-ubyte.gz, ...) in a directory and pass --data-dir DIR "
+    "or set GEFL_DATA_DIR; with internet access torchvision downloads them into its cache.",
+)
+register_dataset(
+    "cifar-10", CIFAR_CLASSES, _load_cifar10,
+    "Download CIFAR-10's binary version (cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html), "
+    "unpack it and pass --data-dir DIR (the directory holding cifar-10-batches-bin/) or set GEFL_DATA_DIR.",
+)
+
+
+# --------------------------------------------------------------------------- tensors
+
+def to_tensor(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 (N, C, size, size) in [-1, 1], resized in one batched call."""
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x.clamp_(0.0, 1.0)
+    return x.sub_(MEAN).div_(STD)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load a registered dataset, resized to 32x32 and normalised to [-1, 1]."""
+    spec = _DATASETS.get(name)
+    if spec is None:
+        raise unknown_name("dataset", name, _DATASETS)
+    directory = Path(data_dir) if data_dir is not None else None
+    if directory is not None and not directory.is_dir():
+        raise GeflError(f"--data-dir {directory} does not exist or is not a directory. {spec.how_to_get}")
+    try:
+        train_x, train_y, test_x, test_y = spec.load(directory)
+    except GeflError as exc:
+        raise GeflError(f"cannot load dataset {name!r}: {exc}. {spec.how_to_get}") from exc
+    if train_x.ndim != 4 or test_x.ndim != 4:
+        raise GeflError(f"dataset {name!r} must load images shaped (N, C, H, W); got {train_x.shape}")
+    return Dataset(
+        name=name,
+        train=Split(to_tensor(train_x), torch.as_tensor(train_y, dtype=torch.long)),
+        test=Split(to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)),
+        classes=list(spec.classes),
+    )
+
+
+# --------------------------------------------------------------------------- partitions
+
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    kind: str = "iid",
+    *,
+    samples_per_client: int | None = None,
+    alpha: float = 0.3,
+    shards_per_client: int = 2,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Split training indices among clients; the same seed always gives the same split.
+
+    A pool of `num_clients * samples_per_client` indices is drawn first (the paper gives each of
+    10 clients 600 images, 1/100 of the training set); `None` uses the whole training set. The
+    pool is then split IID, by a per-class Dirichlet(alpha) over clients, or into label-sorted
+    shards, `shards_per_client` per client. The returned index arrays are disjoint and cover the pool.
+    """
+    labels = np.asarray(labels)
+    if num_clients < 1:
+        raise GeflError(f"num_clients must be at least 1, got {num_clients}")
+    rng = np.random.default_rng(seed)
+    total = len(labels)
+    pool_size = total if samples_per_client is None else num_clients * samples_per_client
+    if pool_size > total:
+        raise GeflError(
+            f"{num_clients} clients x {samples_per_client} samples = {pool_size} exceeds the "
+            f"{total} training images; lower partition.samples_per_client or num_clients"
+        )
+    pool = rng.permutation(total)[:pool_size]
+    if kind == "iid":
+        return [np.sort(part) for part in np.array_split(pool, num_clients)]
+    if kind == "dirichlet":
+        if alpha <= 0:
+            raise GeflError(f"partition.alpha must be > 0, got {alpha}")
+        return _dirichlet(pool, labels[pool], num_clients, alpha, rng)
+    if kind == "shards":
+        num_shards = num_clients * shards_per_client
+        if shards_per_client < 1 or num_shards > pool_size:
+            raise GeflError(f"partition.shards_per_client={shards_per_client} does not fit {pool_size} images")
+        ordered = pool[np.argsort(labels[pool], kind="stable")]
+        shards = np.array_split(ordered, num_shards)
+        order = rng.permutation(num_shards)
+        return [
+            np.sort(np.concatenate([shards[s] for s in order[c::num_clients]])) for c in range(num_clients)
+        ]
+    raise unknown_name("partition", kind, PARTITIONS)
+
+
+def _dirichlet(
+    pool: np.ndarray, pool_labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for cls in np.unique(pool_labels):
+        members = rng.permutation(pool[pool_labels == cls])
+        shares = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for client, chunk in enumerate(np.split(members, cuts)):
+            parts[client].append(chunk)
+    out = [np.sort(np.concatenate(p)) for p in parts]
+    # A client with no data cannot train; give it one image from the largest client.
+    for client, part in enumerate(out):
+        if len(part) == 0:
+            donor = int(np.argmax([len(p) for p in out]))
+            out[client], out[donor] = out[donor][:1], out[donor][1:]
+    return out
+
+
+def label_histogram(labels: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(np.asarray(labels), minlength=num_classes).tolist()

@@ -1,0 +1,128 @@
+"""The federation's state machine: phases, rounds, who takes part, which results count.
+
+It holds no weights and knows no transport. The simulation drives it in-process; an aggregator
+service drives the same object from network callbacks. A round is opened, results are submitted
+by client id for that round id, and the round is closed; anything that does not belong to the
+open round is refused with a reason, so late or duplicate results can never be counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    rounds: int
+    trains_classifiers: bool
+    """Whether the classifiers change in this phase (and so are evaluated)."""
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    number: int
+    """1-based over the whole run; the round id results must carry."""
+    phase: str
+    phase_round: int
+    phase_rounds: int
+    participants: tuple[int, ...]
+    evaluate: bool
+    """Evaluate the classifiers after this round: phase round 1, every k-th and the phase's last."""
+
+
+class RoundError(Exception):
+    """A result that does not belong to the open round (late, duplicate, not a participant)."""
+
+
+@dataclass
+class Federation(Generic[R]):
+    phases: Sequence[Phase]
+    num_clients: int
+    client_fraction: float = 1.0
+    seed: int = 0
+    eval_every: int = 10
+    completed: int = 0
+    """Rounds closed so far; with `phases` this is the whole state needed to resume."""
+    _open: RoundInfo | None = field(default=None, init=False)
+    _results: dict[int, R] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.client_fraction <= 1:
+            raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        if self.num_clients < 1:
+            raise ValueError("a federation needs at least one client")
+
+    @property
+    def total_rounds(self) -> int:
+        return sum(p.rounds for p in self.phases)
+
+    @property
+    def finished(self) -> bool:
+        return self.completed >= self.total_rounds
+
+    @property
+    def current(self) -> RoundInfo | None:
+        return self._open
+
+    def _locate(self, number: int) -> tuple[Phase, int]:
+        start = 0
+        for phase in self.phases:
+            if number <= start + phase.rounds:
+                return phase, number - start
+            start += phase.rounds
+        raise RoundError(f"round {number} is past the last round {self.total_rounds}")
+
+    def sample_clients(self, number: int) -> tuple[int, ...]:
+        """Participants of round `number`: a seeded draw, so a resumed run picks the same ones."""
+        k = max(1, round(self.client_fraction * self.num_clients))
+        if k >= self.num_clients:
+            return tuple(range(self.num_clients))
+        rng = np.random.default_rng([self.seed, number])
+        return tuple(sorted(rng.choice(self.num_clients, size=k, replace=False).tolist()))
+
+    def open_round(self) -> RoundInfo:
+        if self._open is not None:
+            raise RoundError(f"round {self._open.number} is still open")
+        if self.finished:
+            raise RoundError("the federation has finished all its rounds")
+        number = self.completed + 1
+        phase, phase_round = self._locate(number)
+        evaluate = phase.trains_classifiers and (
+            phase_round == 1 or phase_round % self.eval_every == 0 or phase_round == phase.rounds
+        )
+        self._open = RoundInfo(number, phase.name, phase_round, phase.rounds, self.sample_clients(number), evaluate)
+        self._results = {}
+        return self._open
+
+    def submit(self, client_id: int, round_number: int, result: R) -> None:
+        info = self._open
+        if info is None or round_number != info.number:
+            open_number = info.number if info else "none"
+            raise RoundError(f"result for round {round_number} refused: the open round is {open_number}")
+        if client_id not in info.participants:
+            raise RoundError(f"client {client_id} is not a participant of round {info.number}")
+        if client_id in self._results:
+            raise RoundError(f"client {client_id} already submitted for round {info.number}")
+        self._results[client_id] = result
+
+    @property
+    def missing(self) -> list[int]:
+        return [c for c in self._open.participants if c not in self._results] if self._open else []
+
+    def close_round(self) -> dict[int, R]:
+        """Close the open round and return its results by client id (in client order)."""
+        if self._open is None:
+            raise RoundError("no round is open")
+        if not self._results:
+            raise RoundError(f"round {self._open.number} has no results to close with")
+        results = dict(sorted(self._results.items()))
+        self._open, self._results = None, {}
+        self.completed += 1
+        return results

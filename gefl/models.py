@@ -1,0 +1,132 @@
+"""The tier zoo: every classifier is the common feature extractor (FE) plus a tier-specific head.
+
+The FE is what makes the tiers able to share anything at all: in GeFL-F it is averaged over
+every client and then frozen, and the generator learns the distribution of its output. So the
+FE is built here, once, and a tier only ever supplies its head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gefl.errors import GeflError, unknown_name
+
+FE_CHANNELS = 3
+"""Channels of the FE's output; with 32x32 input the features are 3x16x16."""
+
+
+class FeatureExtractor(nn.Module):
+    """The paper's first block: 3x3 conv to 3 channels, BN, ReLU, 2x2 max-pool (32x32 -> 16x16)."""
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, FE_CHANNELS, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(FE_CHANNELS)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.relu(self.bn(self.conv(x))))
+
+
+class ConvHead(nn.Module):
+    """conv3x3 + BN + ReLU + max-pool per width, then one linear layer to the classes."""
+
+    def __init__(self, widths: Sequence[int], num_classes: int = 10, feature_size: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = FE_CHANNELS, feature_size
+        for width in widths:
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, padding=1),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            channels, size = width, size // 2
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels * size * size, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(features), 1))
+
+
+class TierNet(nn.Module):
+    """A tier's whole network. `forward` takes images; `head` alone takes FE features."""
+
+    def __init__(self, fe: FeatureExtractor, head: nn.Module, tier: str) -> None:
+        super().__init__()
+        self.fe = fe
+        self.head = head
+        self.tier = tier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fe(x))
+
+
+HeadFactory = Callable[[int], nn.Module]
+"""Builds a head for `num_classes` classes; it must accept FE features of shape (N, 3, 16, 16)."""
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str
+    make_head: HeadFactory
+    description: str = ""
+
+
+_TIERS: dict[str, TierSpec] = {}
+
+
+def register_tier(name: str, make_head: HeadFactory, description: str = "") -> None:
+    """Add a tier. Its network will be the common FE followed by `make_head(num_classes)`.
+
+    The head sees FE features (N, 3, 16, 16), never images, which is what lets it learn from
+    generated features in GeFL-F.
+    """
+    if name in _TIERS:
+        raise GeflError(f"tier {name!r} is already registered; pick another name")
+    _TIERS[name] = TierSpec(name, make_head, description)
+
+
+def list_tiers() -> list[str]:
+    """Registered tier names, the paper's ten first in the paper's order."""
+    return list(_TIERS)
+
+
+def get_model(name: str, in_channels: int = 1, num_classes: int = 10) -> TierNet:
+    """A fresh, randomly initialised network of tier `name`."""
+    spec = _TIERS.get(name)
+    if spec is None:
+        raise unknown_name("tier", name, _TIERS)
+    return TierNet(FeatureExtractor(in_channels), spec.make_head(num_classes), name)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+PAPER_TIERS: dict[str, tuple[int, ...]] = {
+    "cnn2": (16,),
+    "cnn3": (16, 32),
+    "cnn3b": (20, 40),
+    "cnn3c": (10, 20),
+    "cnn4": (16, 32, 64),
+    "cnn4b": (20, 40, 80),
+    "cnn4c": (10, 20, 40),
+    "cnn5": (16, 32, 64, 128),
+    "cnn5b": (20, 40, 80, 100),
+    "cnn5c": (32, 32, 64, 128),
+}
+"""The paper's ten architectures, client i uses the i-th; widths of the head's conv layers."""
+
+
+def _paper_head(widths: tuple[int, ...]) -> HeadFactory:
+    return lambda num_classes: ConvHead(widths, num_classes)
+
+
+for _name, _widths in PAPER_TIERS.items():
+    register_tier(_name, _paper_head(_widths), f"paper CNN, head widths {'-'.join(map(str, _widths))}")

@@ -1,0 +1,79 @@
+"""The run directory every run writes, so scripts and plots can read any run the same way.
+
+    config.yaml       the resolved config (every key, defaults included)
+    partition.json    per client: tier, sample count, label histogram
+    metrics.jsonl     one JSON object per round (loss, participants, accuracy when evaluated)
+    summary.json      per-tier best and final accuracy, means, wall time
+    weights/<tier>.safetensors, weights/generator.safetensors   final global weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from safetensors.torch import save_file
+
+from gefl.config import Config, to_dict
+from gefl.errors import GeflError
+
+if TYPE_CHECKING:
+    from gefl.algorithms import GlobalState
+    from gefl.data import Dataset
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, out: str | Path | None, cfg: Config) -> RunDir:
+        if out is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = Path("runs") / f"{cfg.name}-{stamp}"
+            n = 1
+            while path.exists():
+                n += 1
+                path = Path("runs") / f"{cfg.name}-{stamp}-{n}"
+        else:
+            path = Path(out)
+            if path.exists() and any(path.iterdir()):
+                raise GeflError(f"output directory {path} exists and is not empty; pick a new --out")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GeflError(f"cannot create run directory {path}: {exc}") from exc
+        run = cls(path)
+        (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return run
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Atomic: a reader never sees half a file, a crash never leaves one."""
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.path / name)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_weights(self, state: GlobalState, dataset: Dataset, cfg: Config) -> None:
+        weights = self.path / "weights"
+        weights.mkdir(exist_ok=True)
+        common = {
+            "dataset": dataset.name, "in_channels": str(dataset.in_channels),
+            "num_classes": str(dataset.num_classes), "classes": json.dumps(dataset.classes),
+            "algorithm": cfg.algorithm,
+        }
+        for tier, sd in state.models.items():
+            save_file({k: v.contiguous() for k, v in sd.items()}, weights / f"{tier}.safetensors",
+                      metadata={**common, "tier": tier})
+        if state.generator is not None:
+            g = cfg.gefl.generator
+            save_file({k: v.contiguous() for k, v in state.generator.items()}, weights / "generator.safetensors",
+                      metadata={**common, "family": g.family, "preset": str(g.preset),
+                                "widths": json.dumps(g.widths), "latent": json.dumps(g.latent)})

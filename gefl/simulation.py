@@ -1,0 +1,185 @@
+"""A whole federation on one machine: the in-process driver of the federation state machine.
+
+The loop is the one an aggregator runs, minus the network: open a round, hand each participant
+its task, submit the results, close the round, aggregate, evaluate when the schedule says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gefl.algorithms import GENERATOR, ClientResult, ClientTask, GeFLF, GlobalState, make_algorithm
+from gefl.config import Config, config_from_dict, load_config
+from gefl.data import Split, label_histogram, load_dataset, partition
+from gefl.errors import GeflError
+from gefl.executor import WorkerContext, default_workers, make_executor
+from gefl.federation import Federation, RoundInfo
+from gefl.models import count_parameters, get_model
+from gefl.rundir import RunDir
+from gefl.wire import encode_state
+
+Progress = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GeflError("device 'cuda' was asked for but torch sees no CUDA device; use --set device=cpu")
+    return torch.device(name)
+
+
+def _as_config(config: Config | dict | str | Path | None) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+@dataclass
+class TierStats:
+    best: float = 0.0
+    final: float = 0.0
+
+
+def _task_seed(seed: int, round_number: int, client_id: int) -> int:
+    return int(np.random.default_rng([seed, round_number, client_id]).integers(2**31))
+
+
+def simulate(
+    config: Config | dict | str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    progress: Progress | None = print,
+) -> dict:
+    """Run a federation in-process and return its summary (also written to the run directory).
+
+    `config` is a Config, a dict of config keys, a YAML path, or None for the defaults.
+    """
+    cfg = _as_config(config)
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    p = cfg.partition
+    parts = partition(
+        dataset.train.labels.numpy(), cfg.num_clients, p.kind, samples_per_client=p.samples_per_client,
+        alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
+    )
+    clients = {c: dataset.train.subset(idx) for c, idx in enumerate(parts)}
+    if device.type != "cpu":
+        clients = {c: Split(s.images.to(device), s.labels.to(device)) for c, s in clients.items()}
+    test = Split(dataset.test.images.to(device), dataset.test.labels.to(device))
+    tiers = list(dict.fromkeys(cfg.tier_of(c) for c in range(cfg.num_clients)))
+    algorithm = make_algorithm(cfg)
+    federation: Federation[ClientResult] = Federation(
+        algorithm.phases(), cfg.num_clients, cfg.client_fraction, cfg.seed, cfg.eval.every
+    )
+    state = algorithm.init_state(tiers, dataset.in_channels, dataset.num_classes)
+    params = {t: count_parameters(get_model(t, dataset.in_channels, dataset.num_classes)) for t in tiers}
+
+    run = RunDir.create(out, cfg)
+    client_info = [
+        {"client": c, "tier": cfg.tier_of(c), "num_samples": len(clients[c]),
+         "label_histogram": label_histogram(clients[c].labels.cpu().numpy(), dataset.num_classes)}
+        for c in range(cfg.num_clients)
+    ]
+    run.write_json("partition.json", client_info)
+    workers = cfg.workers or default_workers(cfg.num_clients)
+    say(
+        f"gefl simulate: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients, "
+        f"{federation.total_rounds} rounds ({', '.join(f'{ph.name} {ph.rounds}' for ph in algorithm.phases())}), "
+        f"{workers} worker(s) on {device.type} -> {run.path}"
+    )
+    sizes = [len(clients[c]) for c in range(cfg.num_clients)]
+    say(f"data: {p.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
+        f"label histograms in {run.path / 'partition.json'}")
+
+    stats = {t: TierStats() for t in tiers}
+    evaluations: list[int] = []
+    executor = make_executor(WorkerContext(algorithm, clients, test, dataset.num_classes, cfg.eval.batch_size),
+                             workers, device)
+    try:
+        while not federation.finished:
+            info = federation.open_round()
+            t0 = time.perf_counter()
+            if info.phase == GENERATOR and state.generator is None and isinstance(algorithm, GeFLF):
+                state.generator = algorithm.init_generator(dataset.num_classes)
+            tasks = _tasks(cfg, info, state, params)
+            for result in executor.run(tasks):
+                federation.submit(result.client_id, info.number, result)
+            results = list(federation.close_round().values())
+            state = algorithm.aggregate(info.phase, state, results)
+            record: dict = {
+                "round": info.number, "phase": info.phase, "phase_round": info.phase_round,
+                "participants": list(info.participants),
+                "loss": float(np.mean([r.loss for r in results])),
+            }
+            line = (f"[{info.phase:>9} {info.phase_round:>3}/{info.phase_rounds:<3}] round "
+                    f"{info.number:>3}/{federation.total_rounds}  loss {record['loss']:.4f}")
+            if info.evaluate:
+                acc = executor.evaluate({t: encode_state(state.models[t]) for t in tiers})
+                for t, a in acc.items():
+                    stats[t].best = max(stats[t].best, a)
+                    stats[t].final = a
+                evaluations.append(info.number)
+                record["accuracy"] = acc
+                record["mean_accuracy"] = float(np.mean(list(acc.values())))
+                line += f"  acc mean {record['mean_accuracy']:.2f} (min {min(acc.values()):.1f}, max {max(acc.values()):.1f})"
+            record["seconds"] = time.perf_counter() - t0
+            elapsed = time.perf_counter() - started
+            eta = elapsed / info.number * (federation.total_rounds - info.number)
+            say(f"{line}  {record['seconds']:.1f}s  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+            run.append_metrics(record)
+    finally:
+        executor.close()
+
+    summary = {
+        "name": cfg.name,
+        "algorithm": cfg.algorithm,
+        "dataset": cfg.dataset,
+        "num_clients": cfg.num_clients,
+        "seed": cfg.seed,
+        "rounds": federation.total_rounds,
+        "evaluated_rounds": evaluations,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "tiers": {t: {"best_acc": stats[t].best, "final_acc": stats[t].final, "params": params[t]} for t in tiers},
+        "mean_best_acc": float(np.mean([s.best for s in stats.values()])),
+        "mean_final_acc": float(np.mean([s.final for s in stats.values()])),
+        "run_dir": str(run.path),
+    }
+    run.save_weights(state, dataset, cfg)
+    run.write_json("summary.json", summary)
+    say(format_summary(summary))
+    return summary
+
+
+def _tasks(cfg: Config, info: RoundInfo, state: GlobalState, params: dict[str, int]) -> list[ClientTask]:
+    """One task per participant, largest tiers first so a small one finishes the round."""
+    generator = encode_state(state.generator) if state.generator is not None else None
+    encoded: dict[str, bytes] = {}
+    tasks = []
+    for c in info.participants:
+        tier = cfg.tier_of(c)
+        if tier not in encoded:
+            encoded[tier] = encode_state(state.models[tier])
+        tasks.append(ClientTask(info.number, info.phase, c, tier, _task_seed(cfg.seed, info.number, c),
+                                encoded[tier], generator))
+    return sorted(tasks, key=lambda t: -params[t.tier])
+
+
+def format_summary(summary: dict) -> str:
+    rows = [f"{'tier':<10}{'params':>9}{'best %':>9}{'final %':>9}"]
+    for tier, s in summary["tiers"].items():
+        rows.append(f"{tier:<10}{s['params']:>9,}{s['best_acc']:>9.2f}{s['final_acc']:>9.2f}")
+    rows.append(f"{'mean':<10}{'':>9}{summary['mean_best_acc']:>9.2f}{summary['mean_final_acc']:>9.2f}")
+    rows.append(f"{summary['algorithm']} on {summary['dataset']}: {summary['rounds']} rounds in "
+                f"{summary['wall_time_s']:.0f}s; run directory {summary['run_dir']}")
+    return "\n".join(rows)

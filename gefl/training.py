@@ -1,0 +1,135 @@
+"""Local training steps: what one client does with its data in one round.
+
+Data are whole tensors already on the device; a batch is an index into them, so the loop does
+no per-sample work. Every function takes a `torch.Generator` for its shuffling, so a client's
+round is reproducible from its seed whatever process runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gefl.generators import FeatureGenerator
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    local_epochs: int = 5
+    prox_mu: float = 0.0
+    """FedProx: adds mu/2 * ||w - w_global||^2 (the squared norm, as in the FedProx paper)."""
+
+
+def sgd(module: nn.Module, cfg: SGDConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _batches(n: int, batch_size: int, rng: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=rng).split(batch_size))
+
+
+def train_epochs(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: SGDConfig,
+    rng: torch.Generator,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """`cfg.local_epochs` epochs of cross-entropy SGD; returns the mean batch loss.
+
+    With `cfg.prox_mu > 0` the proximal term pulls towards the weights the module started with.
+    """
+    module.train()
+    opt = optimizer or sgd(module, cfg)
+    anchor = [p.detach().clone() for p in module.parameters()] if cfg.prox_mu > 0 else None
+    total, steps = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        for idx in _batches(len(labels), cfg.batch_size, rng):
+            loss = F.cross_entropy(module(inputs[idx]), labels[idx])
+            objective = loss
+            if anchor is not None:
+                prox = sum((p - a).pow(2).sum() for p, a in zip(module.parameters(), anchor))
+                objective = loss + 0.5 * cfg.prox_mu * prox
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+    return total / max(steps, 1)
+
+
+def train_on_generated(
+    head: nn.Module,
+    generator: FeatureGenerator,
+    num_batches: int,
+    num_classes: int,
+    cfg: SGDConfig,
+    rng: torch.Generator,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """One pass of `num_batches` batches of generated features with uniformly drawn labels."""
+    head.train()
+    generator.eval()
+    opt = optimizer or sgd(head, cfg)
+    device = next(head.parameters()).device
+    total = 0.0
+    for _ in range(num_batches):
+        labels = torch.randint(num_classes, (cfg.batch_size,), generator=rng).to(device)
+        with torch.no_grad():
+            features = generator.sample(labels)
+        loss = F.cross_entropy(head(features), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    return total / max(num_batches, 1)
+
+
+def train_generator(
+    generator: FeatureGenerator,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    rng: torch.Generator,
+) -> float:
+    """Epochs of the generator's own loss on (frozen-FE) features; returns the mean batch loss."""
+    generator.train()
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in _batches(len(labels), batch_size, rng):
+            if len(idx) < 2:  # BatchNorm cannot normalise a batch of one
+                continue
+            loss = generator.loss(features[idx], labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            steps += 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def extract_features(fe: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """FE output in eval mode; the FE is frozen, so no graph is kept."""
+    fe.eval()
+    return torch.cat([fe(images[i: i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        correct += int((model(images[i: i + batch_size]).argmax(1) == labels[i: i + batch_size]).sum())
+    return 100.0 * correct / max(len(labels), 1)
