@@ -35,7 +35,7 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
     for i, s in enumerate(states[1:], 1):
         if s.keys() != states[0].keys():
             raise ValueError(f"state dict {i} has different keys from state dict 0")
-    w = torch.ones(len(states), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    w = torch.as_tensor([1.0] * len(states) if weights is None else weights, dtype=torch.float64)
     if len(w) != len(states) or (w < 0).any() or w.sum() <= 0:
         raise ValueError("fedavg weights must be non-negative, one per state dict, not all zero")
     w = w / w.sum()

@@ -177,7 +177,8 @@ class GeFLF(LGFedAvg):
             g = self.cfg.gefl.generator
             opt = torch.optim.Adam(generator.parameters(), lr=g.lr, weight_decay=g.weight_decay)
             loss = train_generator(generator, features, data.labels, g.local_epochs, self.sgd.batch_size, opt, rng)
-            return ClientResult(task.client_id, task.tier, task.phase, encode_state(generator.state_dict()), len(data), loss)
+            state = encode_state(generator.state_dict())
+            return ClientResult(task.client_id, task.tier, task.phase, state, len(data), loss)
         # HEAD: one pass on generated features, then local epochs on real ones; FE untouched.
         passes = self.cfg.gefl.generated_passes
         if passes > 0 and task.generator is not None:

@@ -183,38 +183,45 @@ def _candidate_dirs(name: str, tv_folder: str, data_dir: Path | None, extra: Seq
     return dirs
 
 
+def _not_found(searched: list[Path], why: str) -> GeflError:
+    roots = list(dict.fromkeys(str(p) for p in searched))
+    return GeflError(f"no copy found (looked in {', '.join(roots)}) and {why}")
+
+
 def _idx_loader(name: str, tv_folder: str) -> Callable[[Path | None], Arrays]:
     def load(data_dir: Path | None) -> Arrays:
-        for directory in _candidate_dirs(name, tv_folder, data_dir):
+        searched = _candidate_dirs(name, tv_folder, data_dir)
+        for directory in searched:
             if _idx_dir_complete(directory):
                 return _load_idx_dir(directory)
-        _torchvision_download(tv_folder)
+        _torchvision_download(tv_folder, searched)
         return _load_idx_dir(torchvision_cache() / tv_folder / "raw")
 
     return load
 
 
 def _load_cifar10(data_dir: Path | None) -> Arrays:
-    for directory in _candidate_dirs("cifar-10", "cifar-10-batches-bin", data_dir, ["cifar-10-batches-bin"]):
+    searched = _candidate_dirs("cifar-10", "cifar-10-batches-bin", data_dir, ["cifar-10-batches-bin"])
+    for directory in searched:
         if _cifar_dir_complete(directory):
             return _load_cifar_dir(directory)
-    _torchvision_download("CIFAR10")
-    raise AssertionError("unreachable: the download either raised or is not supported")
+    # torchvision only fetches CIFAR's pickled python version, which we never unpickle.
+    raise _not_found(searched, "CIFAR-10 is read only in its binary version (cifar-10-batches-bin)")
 
 
-def _torchvision_download(tv_folder: str) -> None:
-    """Last resort: torchvision's own download into its cache. Needs internet."""
+def _torchvision_download(tv_folder: str, searched: list[Path]) -> None:
+    """Last resort: torchvision's own download into its cache. Needs internet; GEFL_NO_DOWNLOAD=1 skips it."""
+    if os.environ.get("GEFL_NO_DOWNLOAD"):
+        raise _not_found(searched, "downloading is disabled (GEFL_NO_DOWNLOAD is set)")
     import torchvision.datasets as tvd
 
     root = torchvision_cache()
     try:
-        if tv_folder == "CIFAR10":
-            # torchvision fetches CIFAR's pickled python version, which we do not unpickle.
-            raise GeflError("CIFAR-10 must be in its binary version (cifar-10-batches-bin)")
         getattr(tvd, tv_folder)(root=str(root), train=True, download=True)
         getattr(tvd, tv_folder)(root=str(root), train=False, download=True)
     except Exception as exc:  # no network, DNS failure, HTTP errors: all mean "not available"
-        raise GeflError("download failed: " + str(exc).splitlines()[0] if str(exc) else "download failed") from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _not_found(searched, f"the download failed ({first_line})") from exc
 
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -266,8 +273,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         raise GeflError(f"dataset {name!r} must load images shaped (N, C, H, W); got {train_x.shape}")
     return Dataset(
         name=name,
-        train=Split(to_tensor(train_x), torch.as_tensor(train_y, dtype=torch.long)),
-        test=Split(to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)),
+        train=Split(to_tensor(train_x), torch.tensor(np.asarray(train_y), dtype=torch.long)),
+        test=Split(to_tensor(test_x), torch.tensor(np.asarray(test_y), dtype=torch.long)),
         classes=list(spec.classes),
     )
 

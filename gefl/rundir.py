@@ -30,8 +30,15 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    @staticmethod
+    def check_target(out: str | Path | None) -> None:
+        """Fail before any work is done if `out` would mix two runs."""
+        if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+            raise GeflError(f"output directory {out} exists and is not empty; pick a new --out")
+
     @classmethod
     def create(cls, out: str | Path | None, cfg: Config) -> RunDir:
+        cls.check_target(out)
         if out is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             path = Path("runs") / f"{cfg.name}-{stamp}"
@@ -41,8 +48,6 @@ class RunDir:
                 path = Path("runs") / f"{cfg.name}-{stamp}-{n}"
         else:
             path = Path(out)
-            if path.exists() and any(path.iterdir()):
-                raise GeflError(f"output directory {path} exists and is not empty; pick a new --out")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -67,6 +67,7 @@ def simulate(
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     device = resolve_device(cfg.device)
+    RunDir.check_target(out)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     p = cfg.partition
     parts = partition(
@@ -132,7 +133,8 @@ def simulate(
                 evaluations.append(info.number)
                 record["accuracy"] = acc
                 record["mean_accuracy"] = float(np.mean(list(acc.values())))
-                line += f"  acc mean {record['mean_accuracy']:.2f} (min {min(acc.values()):.1f}, max {max(acc.values()):.1f})"
+                lo, hi = min(acc.values()), max(acc.values())
+                line += f"  acc mean {record['mean_accuracy']:.2f} (min {lo:.1f}, max {hi:.1f})"
             record["seconds"] = time.perf_counter() - t0
             elapsed = time.perf_counter() - started
             eta = elapsed / info.number * (federation.total_rounds - info.number)
