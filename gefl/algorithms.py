@@ -20,7 +20,7 @@ from gefl.errors import unknown_name
 from gefl.federation import Phase
 from gefl.generators import FeatureGenerator, build_generator
 from gefl.models import FE_CHANNELS, TierNet, get_model
-from gefl.training import SGDConfig, extract_features, train_epochs, train_generator, train_on_generated
+from gefl.training import extract_features, train_epochs, train_generator, train_on_generated
 from gefl.wire import decode_state, encode_state
 
 WARMUP, TRAIN, GENERATOR, HEAD = "warmup", "train", "generator", "head"
@@ -63,8 +63,6 @@ class Algorithm:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        t = cfg.train
-        self.sgd = SGDConfig(t.lr, t.momentum, t.weight_decay, t.batch_size, t.local_epochs, self.prox_mu())
         self.feature_shape = (FE_CHANNELS, 16, 16)
 
     def prox_mu(self) -> float:
@@ -95,7 +93,7 @@ class Algorithm:
         torch.manual_seed(task.seed)
         rng = torch.Generator().manual_seed(task.seed)
         model = self._model(task, data.images.shape[1], num_classes)
-        loss = train_epochs(model, data.images, data.labels, self.sgd, rng)
+        loss = train_epochs(model, data.images, data.labels, self.cfg.train, rng, self.prox_mu())
         return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
 
     # -- server side -------------------------------------------------------------------------
@@ -176,15 +174,16 @@ class GeFLF(LGFedAvg):
         if task.phase == GENERATOR:
             g = self.cfg.gefl.generator
             opt = torch.optim.Adam(generator.parameters(), lr=g.lr, weight_decay=g.weight_decay)
-            loss = train_generator(generator, features, data.labels, g.local_epochs, self.sgd.batch_size, opt, rng)
+            batch = self.cfg.train.batch_size
+            loss = train_generator(generator, features, data.labels, g.local_epochs, batch, opt, rng)
             state = encode_state(generator.state_dict())
             return ClientResult(task.client_id, task.tier, task.phase, state, len(data), loss)
         # HEAD: one pass on generated features, then local epochs on real ones; FE untouched.
         passes = self.cfg.gefl.generated_passes
         if passes > 0 and task.generator is not None:
-            num_batches = passes * max(1, len(data) // self.sgd.batch_size)
-            train_on_generated(model.head, generator, num_batches, num_classes, self.sgd, rng)
-        loss = train_epochs(model.head, features, data.labels, self.sgd, rng)
+            num_batches = passes * max(1, len(data) // self.cfg.train.batch_size)
+            train_on_generated(model.head, generator, num_batches, num_classes, self.cfg.train, rng)
+        loss = train_epochs(model.head, features, data.labels, self.cfg.train, rng)
         return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
 
     def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:

@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = 64
     local_epochs: int = 5
     prox_mu: float = 0.01
-    """FedProx only."""
+    """FedProx's mu; the other algorithms ignore it."""
 
 
 @dataclass

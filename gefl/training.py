@@ -7,27 +7,15 @@ round is reproducible from its seed whatever process runs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gefl.config import TrainConfig
 from gefl.generators import FeatureGenerator
 
 
-@dataclass(frozen=True)
-class SGDConfig:
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    local_epochs: int = 5
-    prox_mu: float = 0.0
-    """FedProx: adds mu/2 * ||w - w_global||^2 (the squared norm, as in the FedProx paper)."""
-
-
-def sgd(module: nn.Module, cfg: SGDConfig) -> torch.optim.Optimizer:
+def sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -39,17 +27,18 @@ def train_epochs(
     module: nn.Module,
     inputs: torch.Tensor,
     labels: torch.Tensor,
-    cfg: SGDConfig,
+    cfg: TrainConfig,
     rng: torch.Generator,
-    optimizer: torch.optim.Optimizer | None = None,
+    prox_mu: float = 0.0,
 ) -> float:
     """`cfg.local_epochs` epochs of cross-entropy SGD; returns the mean batch loss.
 
-    With `cfg.prox_mu > 0` the proximal term pulls towards the weights the module started with.
+    With `prox_mu > 0` (FedProx) the loss gains mu/2 * ||w - w_start||^2, the squared norm of the
+    FedProx paper, pulling towards the global weights the module started the round with.
     """
     module.train()
-    opt = optimizer or sgd(module, cfg)
-    anchor = [p.detach().clone() for p in module.parameters()] if cfg.prox_mu > 0 else None
+    opt = sgd(module, cfg)
+    anchor = [p.detach().clone() for p in module.parameters()] if prox_mu > 0 else None
     total, steps = 0.0, 0
     for _ in range(cfg.local_epochs):
         for idx in _batches(len(labels), cfg.batch_size, rng):
@@ -57,7 +46,7 @@ def train_epochs(
             objective = loss
             if anchor is not None:
                 prox = sum((p - a).pow(2).sum() for p, a in zip(module.parameters(), anchor))
-                objective = loss + 0.5 * cfg.prox_mu * prox
+                objective = loss + 0.5 * prox_mu * prox
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()
@@ -71,14 +60,13 @@ def train_on_generated(
     generator: FeatureGenerator,
     num_batches: int,
     num_classes: int,
-    cfg: SGDConfig,
+    cfg: TrainConfig,
     rng: torch.Generator,
-    optimizer: torch.optim.Optimizer | None = None,
 ) -> float:
     """One pass of `num_batches` batches of generated features with uniformly drawn labels."""
     head.train()
     generator.eval()
-    opt = optimizer or sgd(head, cfg)
+    opt = sgd(head, cfg)
     device = next(head.parameters()).device
     total = 0.0
     for _ in range(num_batches):

@@ -66,3 +66,9 @@ def test_simulate_end_to_end_with_worker_processes(tmp_path):
     assert summary["num_clients"] == 2 and summary["mean_best_acc"] > 30.0
     # a second run into the same non-empty directory is refused rather than mixing two runs
     assert_user_error(gefl("simulate", "--set", "rounds=1", "--out", str(out)), "not empty")
+
+
+def test_list_shows_the_registries():
+    proc = gefl("list")
+    assert proc.returncode == 0
+    assert "cnn5b (110,306 params)" in proc.stdout and "gefl-f" in proc.stdout and "cvae-f" in proc.stdout

@@ -1,7 +1,8 @@
 import torch
 
+from gefl.config import TrainConfig
 from gefl.models import get_model
-from gefl.training import SGDConfig, train_epochs
+from gefl.training import train_epochs
 
 
 def drift(mu: float) -> float:
@@ -9,8 +10,8 @@ def drift(mu: float) -> float:
     model = get_model("cnn2")
     start = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(128, 1, 32, 32), torch.randint(0, 10, (128,))
-    cfg = SGDConfig(lr=0.02, batch_size=16, local_epochs=5, prox_mu=mu)
-    train_epochs(model, x, y, cfg, torch.Generator().manual_seed(0))
+    cfg = TrainConfig(lr=0.02, batch_size=16, local_epochs=5)
+    train_epochs(model, x, y, cfg, torch.Generator().manual_seed(0), prox_mu=mu)
     return sum((p - s).pow(2).sum().item() for p, s in zip(model.parameters(), start)) ** 0.5
 
 
