@@ -7,6 +7,9 @@ rewritten after each run, so an interrupted benchmark still leaves what it measu
 
     python benchmarks/paper_fmnist.py                       # all four configs, seeds 0 1 2
     python benchmarks/paper_fmnist.py --seeds 0 --configs fedavg gefl-f-cvae
+    python benchmarks/paper_fmnist.py --seeds 2 --resume    # add seed 2 to the existing results
+
+`quickstart` is accepted as a config name too (configs/quickstart.yaml), to time the README's run.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from gefl.config import load_config
 from gefl.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ["fedavg", "fedprox", "lg-fedavg", "gefl-f-cvae"]
+CONFIGS = ["quickstart", "fedavg", "fedprox", "lg-fedavg", "gefl-f-cvae"]
 PAPER = {
     "fedavg": (80.58, "FedAvg"),
     "fedprox": (80.50, "FedProx"),
@@ -87,18 +90,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="results path without suffix (.json and .md are written)")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"), help="where each run's directory goes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in the results file and skip (config, seed) pairs it has")
     args = parser.parse_args(argv)
 
+    command = "python benchmarks/paper_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "command": "python benchmarks/paper_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "configs": {},
     }
+    previous = Path(args.out).with_suffix(".json")
+    if args.resume and previous.is_file():
+        results = json.loads(previous.read_text())
+        results["command"] += f"; then {command}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for seed in args.seeds:  # seed-major, so a cut-short benchmark still compares configs on equal seeds
         for name in args.configs:
-            path = ROOT / "configs" / "paper" / f"fmnist-{name}.yaml"
+            if any(r["seed"] == seed for r in results["configs"].get(name, {}).get("runs", [])):
+                continue
+            path = ROOT / "configs" / ("quickstart.yaml" if name == "quickstart" else f"paper/fmnist-{name}.yaml")
             cfg = load_config(path, [*args.set, f"seed={seed}"])
             print(f"== {name} seed {seed}", flush=True)
             summary = simulate(cfg, out=Path(args.runs_dir) / f"{stamp}-{name}-s{seed}",

@@ -1,8 +1,8 @@
 """Where simulated clients run: in this process, or in a pool of single-threaded workers.
 
 These networks are tiny (10-110 k parameters) and batches small, so one PyTorch op cannot keep
-two cores busy; running two clients side by side, one thread each, is about 1.5x faster on a
-2-core machine than one client on two threads (benchmarks/README has the measurement). Workers are
+two cores busy; running clients side by side, one thread each, is faster than one client on all
+threads (benchmarks/workers.py measures both; results in benchmarks/results/workers.md). Workers are
 forked so they share the dataset tensors and the tier and dataset registries with this process,
 including tiers a user registered in their own script. Tasks and results travel as the same
 encoded bytes the network transports carry.
