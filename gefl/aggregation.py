@@ -52,6 +52,11 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
     return out
 
 
+def nonfinite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point entries holding NaN or infinity: such an update must never be averaged."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def _weights(updates: Sequence[Update], weighted: bool) -> list[float] | None:
     return [float(u.num_samples) for u in updates] if weighted else None
 

@@ -9,14 +9,14 @@ restart at any time and a simulated client can run in any worker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from gefl.aggregation import StateDict, Update, fedavg, lg_fedavg, per_architecture
+from gefl.aggregation import StateDict, Update, fedavg, lg_fedavg, nonfinite_entries, per_architecture
 from gefl.config import Config
 from gefl.data import Split
-from gefl.errors import unknown_name
+from gefl.errors import GeflError, unknown_name
 from gefl.federation import Phase
 from gefl.generators import FeatureGenerator, build_generator
 from gefl.models import FE_CHANNELS, TierNet, get_model
@@ -55,7 +55,6 @@ class GlobalState:
     models: dict[str, StateDict]
     """Each tier's whole network (FE + head) as a state dict."""
     generator: StateDict | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Algorithm:
@@ -84,19 +83,39 @@ class Algorithm:
         return GlobalState(models)
 
     # -- client side -------------------------------------------------------------------------
-    def _model(self, task: ClientTask, in_channels: int, num_classes: int) -> TierNet:
-        model = get_model(task.tier, in_channels, num_classes)
+    def _model(self, task: ClientTask, data: Split, num_classes: int) -> TierNet:
+        """The tier's network with the round's global weights, on the device the data live on."""
+        model = get_model(task.tier, data.images.shape[1], num_classes)
         model.load_state_dict(decode_state(task.model))
-        return model
+        return model.to(data.images.device)
 
     def client_step(self, task: ClientTask, data: Split, num_classes: int) -> ClientResult:
         torch.manual_seed(task.seed)
         rng = torch.Generator().manual_seed(task.seed)
-        model = self._model(task, data.images.shape[1], num_classes)
+        model = self._model(task, data, num_classes)
         loss = train_epochs(model, data.images, data.labels, self.cfg.train, rng, self.prox_mu())
         return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
 
     # -- server side -------------------------------------------------------------------------
+    def check_result(self, result: ClientResult, state: GlobalState) -> None:
+        """Refuse a result that must not reach the global state: names and shapes that differ
+        from what the client was given, or NaN/inf values (a diverged client)."""
+        expected = state.generator if result.phase == GENERATOR else state.models.get(result.tier)
+        what = "generator" if result.phase == GENERATOR else f"tier {result.tier!r} model"
+        if expected is None:
+            raise GeflError(f"client {result.client_id}: no global {what} to update")
+        received = decode_state(result.state)
+        if received.keys() != expected.keys():
+            raise GeflError(f"client {result.client_id}: {what} entries differ from the global {what}")
+        for k, v in received.items():
+            if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+                raise GeflError(f"client {result.client_id}: {what} entry {k!r} is {v.dtype}{list(v.shape)}, "
+                                f"expected {expected[k].dtype}{list(expected[k].shape)}")
+        bad = nonfinite_entries(received)
+        if bad:
+            raise GeflError(f"client {result.client_id}: {what} has NaN or infinite values "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); training diverged")
+
     def _updates(self, results: list[ClientResult]) -> list[Update]:
         return [Update(r.tier, decode_state(r.state), r.num_samples) for r in results]
 
@@ -166,9 +185,9 @@ class GeFLF(LGFedAvg):
             return super().client_step(task, data, num_classes)
         torch.manual_seed(task.seed)
         rng = torch.Generator().manual_seed(task.seed)
-        model = self._model(task, data.images.shape[1], num_classes)
+        model = self._model(task, data, num_classes)
         features = extract_features(model.fe, data.images)  # the FE is frozen from here on
-        generator = self.new_generator(num_classes)
+        generator = self.new_generator(num_classes).to(data.images.device)
         if task.generator is not None:
             generator.load_state_dict(decode_state(task.generator))
         if task.phase == GENERATOR:

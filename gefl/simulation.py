@@ -16,7 +16,7 @@ import torch
 
 from gefl.algorithms import GENERATOR, ClientResult, ClientTask, GeFLF, GlobalState, make_algorithm
 from gefl.config import Config, config_from_dict, load_config
-from gefl.data import Split, label_histogram, load_dataset, partition
+from gefl.data import Dataset, Split, label_histogram, load_dataset, partition
 from gefl.errors import GeflError
 from gefl.executor import WorkerContext, default_workers, make_executor
 from gefl.federation import Federation, RoundInfo
@@ -69,14 +69,7 @@ def simulate(
     device = resolve_device(cfg.device)
     RunDir.check_target(out)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    p = cfg.partition
-    parts = partition(
-        dataset.train.labels.numpy(), cfg.num_clients, p.kind, samples_per_client=p.samples_per_client,
-        alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
-    )
-    clients = {c: dataset.train.subset(idx) for c, idx in enumerate(parts)}
-    if device.type != "cpu":
-        clients = {c: Split(s.images.to(device), s.labels.to(device)) for c, s in clients.items()}
+    clients = _split_clients(cfg, dataset, device)
     test = Split(dataset.test.images.to(device), dataset.test.labels.to(device))
     tiers = list(dict.fromkeys(cfg.tier_of(c) for c in range(cfg.num_clients)))
     algorithm = make_algorithm(cfg)
@@ -87,12 +80,11 @@ def simulate(
     params = {t: count_parameters(get_model(t, dataset.in_channels, dataset.num_classes)) for t in tiers}
 
     run = RunDir.create(out, cfg)
-    client_info = [
-        {"client": c, "tier": cfg.tier_of(c), "num_samples": len(clients[c]),
-         "label_histogram": label_histogram(clients[c].labels.cpu().numpy(), dataset.num_classes)}
-        for c in range(cfg.num_clients)
-    ]
-    run.write_json("partition.json", client_info)
+    run.write_json("partition.json", [
+        {"client": c, "tier": cfg.tier_of(c), "num_samples": len(split),
+         "label_histogram": label_histogram(split.labels.cpu().numpy(), dataset.num_classes)}
+        for c, split in clients.items()
+    ])
     workers = cfg.workers or default_workers(cfg.num_clients)
     say(
         f"gefl simulate: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients, "
@@ -100,7 +92,7 @@ def simulate(
         f"{workers} worker(s) on {device.type} -> {run.path}"
     )
     sizes = [len(clients[c]) for c in range(cfg.num_clients)]
-    say(f"data: {p.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
+    say(f"data: {cfg.partition.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
         f"label histograms in {run.path / 'partition.json'}")
 
     stats = {t: TierStats() for t in tiers}
@@ -115,7 +107,15 @@ def simulate(
                 state.generator = algorithm.init_generator(dataset.num_classes)
             tasks = _tasks(cfg, info, state, params)
             for result in executor.run(tasks):
+                try:
+                    algorithm.check_result(result, state)
+                except GeflError as exc:
+                    say(f"round {info.number}: update refused, the global state is unchanged by it: {exc}")
+                    continue
                 federation.submit(result.client_id, info.number, result)
+            if len(federation.missing) == len(info.participants):
+                raise GeflError(f"round {info.number}: every client's update was refused (see above); "
+                                f"if training diverged, lower train.lr (now {cfg.train.lr})")
             results = list(federation.close_round().values())
             state = algorithm.aggregate(info.phase, state, results)
             record: dict = {
@@ -161,6 +161,19 @@ def simulate(
     run.write_json("summary.json", summary)
     say(format_summary(summary))
     return summary
+
+
+def _split_clients(cfg: Config, dataset: Dataset, device: torch.device) -> dict[int, Split]:
+    """Each client's share of the training set, by the configured partition and seed."""
+    p = cfg.partition
+    parts = partition(
+        dataset.train.labels.numpy(), cfg.num_clients, p.kind, samples_per_client=p.samples_per_client,
+        alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
+    )
+    clients = {c: dataset.train.subset(idx) for c, idx in enumerate(parts)}
+    if device.type != "cpu":
+        clients = {c: Split(s.images.to(device), s.labels.to(device)) for c, s in clients.items()}
+    return clients
 
 
 def _tasks(cfg: Config, info: RoundInfo, state: GlobalState, params: dict[str, int]) -> list[ClientTask]:
