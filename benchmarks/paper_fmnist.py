@@ -9,7 +9,8 @@ rewritten after each run, so an interrupted benchmark still leaves what it measu
     python benchmarks/paper_fmnist.py --seeds 0 --configs fedavg gefl-f-cvae
     python benchmarks/paper_fmnist.py --seeds 2 --resume    # add seed 2 to the existing results
 
-`quickstart` is accepted as a config name too (configs/quickstart.yaml), to time the README's run.
+`quickstart` is accepted as a config name too (configs/quickstart.yaml), to time the README's run,
+and so are the ablations in VARIANTS (a paper config with overrides).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from gefl.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["quickstart", "fedavg", "fedprox", "lg-fedavg", "gefl-f-cvae"]
+VARIANTS = {
+    # GeFL-F's schedule (20 warm-up + 50 head rounds, FE frozen after warm-up) without any generator:
+    # what the generated features add, as opposed to the schedule itself.
+    "gefl-f-no-generator": ("gefl-f-cvae", ["gefl.generator_rounds=0", "gefl.generated_passes=0"]),
+}
 PAPER = {
     "fedavg": (80.58, "FedAvg"),
     "fedprox": (80.50, "FedProx"),
@@ -110,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.configs:
             if any(r["seed"] == seed for r in results["configs"].get(name, {}).get("runs", [])):
                 continue
-            path = ROOT / "configs" / ("quickstart.yaml" if name == "quickstart" else f"paper/fmnist-{name}.yaml")
-            cfg = load_config(path, [*args.set, f"seed={seed}"])
+            base, variant = VARIANTS.get(name, (name, []))
+            path = ROOT / "configs" / ("quickstart.yaml" if base == "quickstart" else f"paper/fmnist-{base}.yaml")
+            cfg = load_config(path, [*variant, *args.set, f"seed={seed}"])
             print(f"== {name} seed {seed}", flush=True)
             summary = simulate(cfg, out=Path(args.runs_dir) / f"{stamp}-{name}-s{seed}",
                                progress=lambda msg: print(f"   {msg}", flush=True) if "acc" in msg else None)
-            entry = results["configs"].setdefault(name, {"config": str(path.relative_to(ROOT)), "runs": []})
+            source = " ".join([str(path.relative_to(ROOT)), *(f"--set {v}" for v in variant)])
+            entry = results["configs"].setdefault(name, {"config": source, "runs": []})
             entry["runs"].append({k: summary[k] for k in ("seed", "mean_best_acc", "mean_final_acc", "wall_time_s",
                                                           "tiers", "rounds")})
             entry["summary"] = summarise(entry["runs"])
