@@ -73,6 +73,10 @@ class Algorithm:
     def shares_fe(self) -> bool:
         return False
 
+    def prepare_round(self, phase: str, state: GlobalState, num_classes: int) -> GlobalState:
+        """Server-side set-up before a round's tasks go out; most algorithms need none."""
+        return state
+
     def init_state(self, tiers: list[str], in_channels: int, num_classes: int) -> GlobalState:
         torch.manual_seed(self.cfg.seed)
         models = {t: get_model(t, in_channels, num_classes).state_dict() for t in tiers}
@@ -176,9 +180,12 @@ class GeFLF(LGFedAvg):
             g.family, self.feature_shape, num_classes, g.preset, widths=g.widths, latent=g.latent
         )
 
-    def init_generator(self, num_classes: int) -> StateDict:
-        torch.manual_seed(self.cfg.seed + 1)
-        return self.new_generator(num_classes).state_dict()
+    def prepare_round(self, phase: str, state: GlobalState, num_classes: int) -> GlobalState:
+        """The generator is created when its phase begins: its shape depends on the frozen FE's output."""
+        if phase == GENERATOR and state.generator is None:
+            torch.manual_seed(self.cfg.seed + 1)
+            return GlobalState(state.models, self.new_generator(num_classes).state_dict())
+        return state
 
     def client_step(self, task: ClientTask, data: Split, num_classes: int) -> ClientResult:
         if task.phase == WARMUP:

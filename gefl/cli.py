@@ -15,12 +15,8 @@ DEFAULT_CONFIG = "quickstart.yaml"
 
 
 def _configs_dir() -> Path:
-    """configs/ of a source checkout, or the copy installed with the package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "configs", here / "configs"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "configs"
+    """configs/ of the checkout the package is installed from (the README installs with -e)."""
+    return Path(__file__).resolve().parent.parent / "configs"
 
 
 def _simulate(args: argparse.Namespace) -> int:

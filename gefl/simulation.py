@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gefl.algorithms import GENERATOR, ClientResult, ClientTask, GeFLF, GlobalState, make_algorithm
+from gefl.algorithms import ClientResult, ClientTask, GlobalState, make_algorithm
 from gefl.config import Config, config_from_dict, load_config
 from gefl.data import Dataset, Split, label_histogram, load_dataset, partition
 from gefl.errors import GeflError
@@ -103,8 +103,7 @@ def simulate(
         while not federation.finished:
             info = federation.open_round()
             t0 = time.perf_counter()
-            if info.phase == GENERATOR and state.generator is None and isinstance(algorithm, GeFLF):
-                state.generator = algorithm.init_generator(dataset.num_classes)
+            state = algorithm.prepare_round(info.phase, state, dataset.num_classes)
             tasks = _tasks(cfg, info, state, params)
             for result in executor.run(tasks):
                 try:
