@@ -11,7 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from gefl.errors import GeflError
+
 DEFAULT_CONFIG = "quickstart.yaml"
+_TRAIN_MODULES = {"torch", "torchvision", "safetensors", "yaml", "onnx", "onnxscript", "psutil"}
+"""Modules of the `train` extra: a board with only `infer` installed gets told what to install."""
 
 
 def _configs_dir() -> Path:
@@ -47,6 +51,23 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_run
+
+    tiers = None if args.tiers in (None, "all") else [t.strip() for t in args.tiers.split(",") if t.strip()]
+    export_run(args.run_dir, args.out, tiers=tiers, quantize_mode=args.quantize, data_dir=args.data_dir)
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from export.infer import run
+
+    if args.top < 1:
+        raise GeflError(f"--top must be at least 1, got {args.top}")
+    run(args.model, args.target, top=args.top, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gefl",
@@ -69,20 +90,52 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, help="random seed (overrides seed)")
     sim.set_defaults(func=_simulate)
 
+    exp = sub.add_parser(
+        "export",
+        help="export a run's tiers to ONNX (verified, optionally int8)",
+        description="Export each tier of a run (FE + head) as ONNX with a dynamic batch axis and the metadata "
+        "`gefl infer` needs; check it against PyTorch on 256 test images; quantize to int8; measure every file's "
+        "accuracy on the whole test set. Writes DIR/<tier>.onnx, DIR/<tier>.int8.onnx and DIR/export_report.json.",
+    )
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `gefl simulate`")
+    exp.add_argument("--out", "-o", required=True, metavar="DIR", help="where the .onnx files and the report go")
+    exp.add_argument("--tiers", default="all", metavar="all|NAME,...", help="tiers to export (default: all)")
+    exp.add_argument("--quantize", default="static", choices=["none", "dynamic", "static"],
+                     help="int8 version beside each fp32 file: static QDQ calibrated on 256 training images "
+                     "(default), dynamic (linear layers only), or none")
+    exp.add_argument("--data-dir", metavar="DIR", help="where the run's dataset is (default: the run's data_dir)")
+    exp.set_defaults(func=_export)
+
+    inf = sub.add_parser(
+        "infer",
+        help="classify images with an exported model (onnxruntime only, no torch)",
+        description="Classify an image, or every image in a directory, with a model written by `gefl export`. "
+        "Needs only onnxruntime, numpy and pillow (pip install 'gefl-edge[infer]').",
+    )
+    inf.add_argument("model", metavar="MODEL.onnx", help="a file written by `gefl export`")
+    inf.add_argument("target", metavar="IMAGE|DIR", help="an image file, or a directory of images")
+    inf.add_argument("--top", type=int, default=1, metavar="K", help="print the K most likely classes (default 1)")
+    inf.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: all cores)")
+    inf.set_defaults(func=_infer)
+
     ls = sub.add_parser("list", help="list tiers, datasets, algorithms and generator families")
     ls.set_defaults(func=_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gefl.errors import GeflError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except GeflError as exc:
         print(f"gefl: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in _TRAIN_MODULES:
+            print(f"gefl: error: `gefl {args.command}` needs {exc.name}, which is not installed; install the "
+                  "training dependencies with: pip install 'gefl-edge[train]'", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("gefl: interrupted", file=sys.stderr)
         return 130

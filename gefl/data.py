@@ -48,6 +48,8 @@ class Dataset:
     train: Split
     test: Split
     classes: list[str]
+    source_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+    """(height, width) of the images as distributed, before the resize to 32x32."""
 
     @property
     def in_channels(self) -> int:
@@ -276,6 +278,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         train=Split(to_tensor(train_x), torch.tensor(np.asarray(train_y), dtype=torch.long)),
         test=Split(to_tensor(test_x), torch.tensor(np.asarray(test_y), dtype=torch.long)),
         classes=list(spec.classes),
+        source_size=(int(train_x.shape[-2]), int(train_x.shape[-1])),
     )
 
 

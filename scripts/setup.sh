@@ -23,4 +23,4 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "setup: installing gefl-edge and its dependencies into $venv (torch is large: a few minutes the first time)"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e ".[dev]"
+"$venv/bin/python" -m pip install --quiet -e ".[train,dev]"

@@ -1,0 +1,1 @@
+"""The edge-board side of gefl-edge: device probe, client runtime."""
