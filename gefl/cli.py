@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gefl.errors import GeflError
+from gefl.errors import GeflError, unknown_name
 
 DEFAULT_CONFIG = "quickstart.yaml"
 _TRAIN_MODULES = {"torch", "torchvision", "safetensors", "yaml", "onnx", "onnxscript", "psutil"}
@@ -33,6 +33,8 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides.append(f"data_dir={args.data_dir}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.devices:
+        overrides.append(f"devices={args.devices}")
     cfg = load_config(config, overrides)
     simulate(cfg, out=args.out)
     return 0
@@ -48,6 +50,39 @@ def _list(args: argparse.Namespace) -> int:
     print("datasets:    " + ", ".join(list_datasets()))
     print("algorithms:  " + ", ".join(ALGORITHMS))
     print("generators:  " + ", ".join(list_generators()))
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_client.probe import format_profile, probe
+    from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
+
+    profile = probe(args.root, measure=True)
+    _, defaults = load_profiles(DEVICES_PATH)
+    policy = Policy(
+        deadline_s=args.deadline if args.deadline is not None else defaults.deadline_s,
+        samples_per_round=args.samples_per_round or defaults.samples_per_round,
+        memory_fraction=args.memory_fraction or defaults.memory_fraction,
+    )
+    catalogue = load_catalogue()
+    if args.tier:
+        from gefl.models import list_tiers
+
+        if args.tier not in list_tiers():
+            raise unknown_name("tier", args.tier, list_tiers())
+        tier, reason = args.tier, f"{args.tier}: chosen with --tier (the policy was not consulted)"
+    else:
+        candidates = args.tiers.split(",") if args.tiers else [t for t, c in catalogue.tiers.items() if not c.opt_in]
+        choice = select_tier(candidates, profile.memory_available_bytes / 2**20, profile.train_samples_per_s,
+                             policy, catalogue)
+        tier, reason = choice.tier, choice.reason
+    if args.json:
+        print(json.dumps({**profile.to_dict(), "tier": tier, "reason": reason}, indent=2))
+    else:
+        print(format_profile(profile))
+        print(f"tier      {reason}")
     return 0
 
 
@@ -88,7 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", "-o", metavar="DIR", help="run directory (default: runs/<name>-<timestamp>)")
     sim.add_argument("--data-dir", metavar="DIR", help="where the dataset files are (overrides data_dir)")
     sim.add_argument("--seed", type=int, help="random seed (overrides seed)")
+    sim.add_argument("--devices", metavar="YAML",
+                     help="simulate a device mix (e.g. configs/devices.yaml): each client picks its tier by the "
+                     "device policy and a simulated clock drives deadlines and stragglers")
     sim.set_defaults(func=_simulate)
+
+    prb = sub.add_parser(
+        "probe",
+        help="describe this device and the tier it would train",
+        description="Measure this device (CPU, memory, board, CUDA, a one-second training run) and pick its "
+        "tier: the largest whose training fits in a fraction of the available memory and whose estimated round "
+        "time meets the deadline (defaults from configs/devices.yaml, costs from configs/tiers.yaml).",
+    )
+    prb.add_argument("--json", action="store_true", help="print one JSON object (configs/schemas/probe.schema.json)")
+    prb.add_argument("--tier", metavar="NAME", help="skip the policy and report this tier")
+    prb.add_argument("--tiers", metavar="A,B,...", help="tiers the federation offers (default: every non-opt-in tier)")
+    prb.add_argument("--deadline", type=float, metavar="S", help="round deadline in seconds (default 20)")
+    prb.add_argument("--samples-per-round", type=int, metavar="N",
+                     help="local samples x local epochs per round (default 3000)")
+    prb.add_argument("--memory-fraction", type=float, metavar="F",
+                     help="share of available memory training may use (default 0.5)")
+    prb.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake device tree, for tests
+    prb.set_defaults(func=_probe)
 
     exp = sub.add_parser(
         "export",

@@ -99,6 +99,10 @@ class Config:
     device: str = "auto"
     """auto | cpu | cuda"""
 
+    devices: str | None = None
+    """A devices file (configs/devices.yaml): each client gets a device profile from its mix, picks its
+    tier by the device policy, and the run keeps a simulated clock with deadlines and stragglers."""
+
     def tier_of(self, client_id: int) -> str:
         return self.tiers[client_id % len(self.tiers)]
 

@@ -126,3 +126,11 @@ class Federation(Generic[R]):
         self._open, self._results = None, {}
         self.completed += 1
         return results
+
+    def skip_round(self) -> None:
+        """Close the open round without results (every participant missed its deadline): the
+        global state stays as it was and the schedule moves on."""
+        if self._open is None:
+            raise RoundError("no round is open")
+        self._open, self._results = None, {}
+        self.completed += 1

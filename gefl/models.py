@@ -130,3 +130,39 @@ def _paper_head(widths: tuple[int, ...]) -> HeadFactory:
 
 for _name, _widths in PAPER_TIERS.items():
     register_tier(_name, _paper_head(_widths), f"paper CNN, head widths {'-'.join(map(str, _widths))}")
+
+
+def _mobilenet_v3_small_head(num_classes: int) -> nn.Module:
+    """torchvision's MobileNetV3-Small with a stride-1 stem.
+
+    Its five stride-2 stages would take an ImageNet-sized input to 1/32; the FE's 16x16 features
+    would be 1x1 after the third. With the stem at stride 1 the 16x16 features reach exactly 1x1
+    only at the last stage, so every bottleneck still sees some spatial extent.
+    """
+    from torchvision.models import mobilenet_v3_small  # lazy: a second or more, and most processes never need it
+
+    net = mobilenet_v3_small(weights=None, num_classes=num_classes)
+    net.features[0][0].stride = (1, 1)
+    return net
+
+
+def _resnet18_head(num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with the usual CIFAR adaptation: 3x3 stride-1 conv1 and no max-pool.
+
+    The ImageNet stem (7x7 stride 2, then max-pool) would shrink 16x16 features to 4x4 before the
+    first residual stage; without it the stages run at 16, 8, 4 and 2.
+    """
+    from torchvision.models import resnet18  # lazy, as above
+
+    net = resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(FE_CHANNELS, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+OPT_IN_TIERS: tuple[str, ...] = ("mobilenet-v3-small", "resnet18")
+"""Larger tiers for Jetsons and desktop GPUs: registered, but in no default tier list; a federation
+names them in `tiers` to use them."""
+
+register_tier("mobilenet-v3-small", _mobilenet_v3_small_head, "torchvision MobileNetV3-Small, stride-1 stem (opt-in)")
+register_tier("resnet18", _resnet18_head, "torchvision ResNet-18, 3x3 stride-1 conv1, no max-pool (opt-in)")

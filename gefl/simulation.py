@@ -6,6 +6,7 @@ its task, submit the results, close the round, aggregate, evaluate when the sche
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gefl.algorithms import ClientResult, ClientTask, GlobalState, make_algorithm
+from gefl.algorithms import GENERATOR, ClientResult, ClientTask, GlobalState, make_algorithm
 from gefl.config import Config, config_from_dict, load_config
 from gefl.data import Dataset, Split, label_histogram, load_dataset, partition
+from gefl.device_sim import DeviceSimulation, format_device_summary, training_mflops_per_sample
 from gefl.errors import GeflError
 from gefl.executor import WorkerContext, default_workers, make_executor
 from gefl.federation import Federation, RoundInfo
@@ -69,10 +71,19 @@ def simulate(
     device = resolve_device(cfg.device)
     RunDir.check_target(out)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    devices = _device_simulation(cfg, len(dataset.train))
+    if devices is not None:
+        cfg = dataclasses.replace(cfg, num_clients=len(devices.clients))
+    tier_of = devices.tier_of if devices is not None else cfg.tier_of
     clients = _split_clients(cfg, dataset, device)
     test = Split(dataset.test.images.to(device), dataset.test.labels.to(device))
-    tiers = list(dict.fromkeys(cfg.tier_of(c) for c in range(cfg.num_clients)))
+    tiers = list(dict.fromkeys(tier_of(c) for c in range(cfg.num_clients)))
     algorithm = make_algorithm(cfg)
+    if devices is not None and hasattr(algorithm, "new_generator"):
+        generator = algorithm.new_generator(dataset.num_classes)
+        devices.generator_mflops = training_mflops_per_sample(
+            generator, lambda g, b: g.loss(torch.rand(b, *algorithm.feature_shape),
+                                           torch.randint(0, dataset.num_classes, (b,))))
     federation: Federation[ClientResult] = Federation(
         algorithm.phases(), cfg.num_clients, cfg.client_fraction, cfg.seed, cfg.eval.every
     )
@@ -81,7 +92,8 @@ def simulate(
 
     run = RunDir.create(out, cfg)
     run.write_json("partition.json", [
-        {"client": c, "tier": cfg.tier_of(c), "num_samples": len(split),
+        {"client": c, "tier": tier_of(c), "num_samples": len(split),
+         **({"device": devices.clients[c].profile.name, "tier_reason": devices.clients[c].reason} if devices else {}),
          "label_histogram": label_histogram(split.labels.cpu().numpy(), dataset.num_classes)}
         for c, split in clients.items()
     ])
@@ -92,6 +104,10 @@ def simulate(
         f"{workers} worker(s) on {device.type} -> {run.path}"
     )
     sizes = [len(clients[c]) for c in range(cfg.num_clients)]
+    if devices is not None:
+        classes = devices.summary()["device_classes"]
+        say(f"devices: {cfg.devices}: " + "; ".join(
+            f"{name} x{d['clients']} -> {', '.join(d['tiers'])}" for name, d in classes.items()))
     say(f"data: {cfg.partition.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
         f"label histograms in {run.path / 'partition.json'}")
 
@@ -104,26 +120,38 @@ def simulate(
             info = federation.open_round()
             t0 = time.perf_counter()
             state = algorithm.prepare_round(info.phase, state, dataset.num_classes)
-            tasks = _tasks(cfg, info, state, params)
-            for result in executor.run(tasks):
+            tasks = _tasks(cfg, info, state, params, tier_of)
+            received = list(executor.run(tasks))
+            late: list[int] = []
+            record: dict = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
+                            "participants": list(info.participants)}
+            if devices is not None:
+                late, record["simulated_s"] = _simulated_clock(devices, cfg, tasks, received, info.phase)
+                record["stragglers"] = late
+            for result in received:
+                if result.client_id in late:
+                    continue
                 try:
                     algorithm.check_result(result, state)
                 except GeflError as exc:
                     say(f"round {info.number}: update refused, the global state is unchanged by it: {exc}")
                     continue
                 federation.submit(result.client_id, info.number, result)
-            if len(federation.missing) == len(info.participants):
-                raise GeflError(f"round {info.number}: every client's update was refused (see above); "
-                                f"if training diverged, lower train.lr (now {cfg.train.lr})")
-            results = list(federation.close_round().values())
-            state = algorithm.aggregate(info.phase, state, results)
-            record: dict = {
-                "round": info.number, "phase": info.phase, "phase_round": info.phase_round,
-                "participants": list(info.participants),
-                "loss": float(np.mean([r.loss for r in results])),
-            }
-            line = (f"[{info.phase:>9} {info.phase_round:>3}/{info.phase_rounds:<3}] round "
-                    f"{info.number:>3}/{federation.total_rounds}  loss {record['loss']:.4f}")
+            line = f"[{info.phase:>9} {info.phase_round:>3}/{info.phase_rounds:<3}] round {info.number:>3}/" \
+                   f"{federation.total_rounds}"
+            if late and len(late) == len(info.participants):
+                federation.skip_round()
+                line += "  every participant missed the deadline: no update this round"
+            else:
+                if len(federation.missing) == len(info.participants):
+                    raise GeflError(f"round {info.number}: every client's update was refused (see above); "
+                                    f"if training diverged, lower train.lr (now {cfg.train.lr})")
+                results = list(federation.close_round().values())
+                state = algorithm.aggregate(info.phase, state, results)
+                record["loss"] = float(np.mean([r.loss for r in results]))
+                line += f"  loss {record['loss']:.4f}"
+            if devices is not None:
+                line += f"  simulated {record['simulated_s']:.1f}s" + (f", {len(late)} late" if late else "")
             if info.evaluate:
                 acc = executor.evaluate({t: encode_state(state.models[t]) for t in tiers})
                 for t, a in acc.items():
@@ -156,9 +184,13 @@ def simulate(
         "mean_final_acc": float(np.mean([s.final for s in stats.values()])),
         "run_dir": str(run.path),
     }
+    if devices is not None:
+        summary["devices"] = devices.summary()
     run.save_weights(state, dataset, cfg)
     run.write_json("summary.json", summary)
     say(format_summary(summary))
+    if devices is not None:
+        say(format_device_summary(summary["devices"]))
     return summary
 
 
@@ -175,13 +207,33 @@ def _split_clients(cfg: Config, dataset: Dataset, device: torch.device) -> dict[
     return clients
 
 
-def _tasks(cfg: Config, info: RoundInfo, state: GlobalState, params: dict[str, int]) -> list[ClientTask]:
+def _device_simulation(cfg: Config, train_size: int) -> DeviceSimulation | None:
+    if cfg.devices is None:
+        return None
+    per_client = cfg.partition.samples_per_client or train_size // max(cfg.num_clients, 1)
+    return DeviceSimulation(cfg.devices, list(cfg.tiers), per_client * cfg.train.local_epochs)
+
+
+def _simulated_clock(devices: DeviceSimulation, cfg: Config, tasks: list[ClientTask], results: list[ClientResult],
+                     phase: str) -> tuple[list[int], float]:
+    """Each result's simulated arrival: local training plus the bytes it moved, at its device's speed."""
+    sent = {t.client_id: len(t.model) + len(t.generator or b"") for t in tasks}
+    generator_phase = phase == GENERATOR
+    epochs = cfg.gefl.generator.local_epochs if generator_phase else cfg.train.local_epochs
+    seconds = {r.client_id: devices.client_seconds(r.client_id, r.num_samples * epochs,
+                                                   sent[r.client_id] + len(r.state), generator_phase)
+               for r in results}
+    return devices.close_round(seconds)
+
+
+def _tasks(cfg: Config, info: RoundInfo, state: GlobalState, params: dict[str, int],
+           tier_of: Callable[[int], str]) -> list[ClientTask]:
     """One task per participant, largest tiers first so a small one finishes the round."""
     generator = encode_state(state.generator) if state.generator is not None else None
     encoded: dict[str, bytes] = {}
     tasks = []
     for c in info.participants:
-        tier = cfg.tier_of(c)
+        tier = tier_of(c)
         if tier not in encoded:
             encoded[tier] = encode_state(state.models[tier])
         tasks.append(ClientTask(info.number, info.phase, c, tier, _task_seed(cfg.seed, info.number, c),

@@ -61,7 +61,8 @@ def test_shipped_configs_all_load():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    files = sorted(root.rglob("*.yaml"))
+    # The tier catalogue and the device profiles are not federation configs.
+    files = sorted(f for f in root.rglob("*.yaml") if f.name not in ("tiers.yaml", "devices.yaml"))
     assert len(files) >= 5
     for f in files:
         load_config(f)

@@ -1,0 +1,257 @@
+"""Which tier a device trains, and how long a round takes on a device we only simulate.
+
+The policy is deliberately simple enough to explain in one sentence: the largest tier (by
+parameters) whose training fits in a fraction of the available memory and whose estimated
+round time meets the round deadline. Memory is a hard limit (a board that swaps or gets
+OOM-killed helps nobody); the deadline is soft: a device too slow for every tier still gets
+the fastest one and is told it will straggle, so it can contribute when the deadline allows.
+
+Round time is estimated from the tier catalogue (configs/tiers.yaml, written by
+benchmarks/tiers.py): a device's measured throughput on the reference tier is scaled by the
+ratio of training FLOPs. The same arithmetic drives the simulated clock of
+`gefl simulate --devices`, so what the policy promises is what the simulation charges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gefl.errors import GeflError, unknown_name
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CATALOGUE_PATH = CONFIGS / "tiers.yaml"
+DEVICES_PATH = CONFIGS / "devices.yaml"
+MEMORY_FRACTION = 0.5
+"""Share of the available memory training may take; the rest is for the OS and other work."""
+
+_MB = 1024**2
+
+
+@dataclass(frozen=True)
+class TierCost:
+    name: str
+    params: int
+    train_mflops_per_sample: float
+    train_memory_mb: float
+    opt_in: bool = False
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    reference_tier: str
+    runtime_memory_mb: float
+    """Memory of a process with torch loaded, before any model: every tier pays it."""
+    tiers: dict[str, TierCost]
+
+    def cost(self, tier: str) -> TierCost:
+        if tier not in self.tiers:
+            raise GeflError(f"tier {tier!r} is not in the tier catalogue ({', '.join(self.tiers)}); measure it with "
+                            "`python benchmarks/tiers.py`, which rewrites configs/tiers.yaml")
+        return self.tiers[tier]
+
+    def samples_per_s(self, tier: str, reference_samples_per_s: float) -> float:
+        """Training throughput of `tier` on a device that trains the reference tier this fast."""
+        ratio = self.cost(self.reference_tier).train_mflops_per_sample / self.cost(tier).train_mflops_per_sample
+        return reference_samples_per_s * ratio
+
+    def memory_mb(self, tier: str) -> float:
+        return self.runtime_memory_mb + self.cost(tier).train_memory_mb
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise GeflError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise GeflError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise GeflError(f"{what} {path} must be a mapping at the top level")
+    return data
+
+
+def load_catalogue(path: str | Path = CATALOGUE_PATH) -> Catalogue:
+    data = _read_yaml(Path(path), "tier catalogue")
+    try:
+        tiers = {
+            name: TierCost(name, int(row["params"]), float(row["train_mflops_per_sample"]),
+                           float(row["train_memory_mb"]), bool(row.get("opt_in", False)))
+            for name, row in data["tiers"].items()
+        }
+        catalogue = Catalogue(str(data["reference_tier"]), float(data["runtime_memory_mb"]), tiers)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise GeflError(f"tier catalogue {path} is malformed ({type(exc).__name__}: {exc}); regenerate it with "
+                        "`python benchmarks/tiers.py`") from None
+    catalogue.cost(catalogue.reference_tier)
+    return catalogue
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the policy and the simulated clock need to know about a device."""
+
+    name: str
+    memory_available_mb: float
+    train_samples_per_s: float
+    """Training throughput of the catalogue's reference tier (what `gefl probe` measures)."""
+    bandwidth_mbps: float = 100.0
+    cores: int = 1
+    memory_total_mb: float | None = None
+    cuda: bool = False
+    expected_tier: str | None = None
+    """The tier the policy should pick under the devices file's policy section (checked by the tests)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    deadline_s: float | None = None
+    samples_per_round: int = 3000
+    """Local training samples per round: samples per client x local epochs (the paper: 600 x 5)."""
+    memory_fraction: float = MEMORY_FRACTION
+
+
+_PROFILE_KEYS = {"memory_available_mb", "train_samples_per_s", "bandwidth_mbps", "cores", "memory_total_mb", "cuda",
+                 "expected_tier"}
+
+
+def parse_profiles(data: Any, source: str) -> dict[str, DeviceProfile]:
+    if not isinstance(data, dict):
+        raise GeflError(f"{source}: 'profiles' must map profile names to their figures")
+    profiles = {}
+    for name, row in data.items():
+        if not isinstance(row, dict):
+            raise GeflError(f"{source}: profile {name!r} must be a mapping")
+        unknown = set(row) - _PROFILE_KEYS
+        if unknown:
+            raise GeflError(f"{source}: profile {name!r} has unknown keys {sorted(unknown)}; valid keys are "
+                            f"{', '.join(sorted(_PROFILE_KEYS))}")
+        for key in ("memory_available_mb", "train_samples_per_s"):
+            if key not in row:
+                raise GeflError(f"{source}: profile {name!r} lacks {key!r}")
+            if not isinstance(row[key], int | float) or row[key] <= 0:
+                raise GeflError(f"{source}: profile {name!r}: {key} must be a positive number, got {row[key]!r}")
+        profiles[str(name)] = DeviceProfile(name=str(name), **row)
+    return profiles
+
+
+def parse_policy(data: Any, source: str) -> Policy:
+    if data is None:
+        return Policy()
+    if not isinstance(data, dict) or set(data) - {"deadline_s", "samples_per_round", "memory_fraction"}:
+        raise GeflError(f"{source}: 'policy' may hold deadline_s, samples_per_round and memory_fraction only")
+    return Policy(**data)
+
+
+def load_profiles(path: str | Path = DEVICES_PATH) -> tuple[dict[str, DeviceProfile], Policy]:
+    data = _read_yaml(Path(path), "devices file")
+    return parse_profiles(data.get("profiles", {}), str(path)), parse_policy(data.get("policy"), str(path))
+
+
+@dataclass(frozen=True)
+class Choice:
+    tier: str
+    reason: str
+    round_time_s: float
+    memory_mb: float
+    meets_deadline: bool
+
+
+def estimate_round_s(catalogue: Catalogue, tier: str, reference_samples_per_s: float, samples: int,
+                     transfer_bytes: int = 0, bandwidth_mbps: float | None = None) -> float:
+    """Local training time plus the time to download and upload the exchanged weights."""
+    compute = samples / catalogue.samples_per_s(tier, reference_samples_per_s)
+    transfer = 8 * transfer_bytes / (bandwidth_mbps * 1e6) if bandwidth_mbps and transfer_bytes else 0.0
+    return compute + transfer
+
+
+def select_tier(
+    candidates: list[str],
+    memory_available_mb: float,
+    reference_samples_per_s: float,
+    policy: Policy,
+    catalogue: Catalogue,
+    bandwidth_mbps: float | None = None,
+) -> Choice:
+    """The largest candidate that fits in memory and meets the deadline, with the reason why."""
+    if not candidates:
+        raise GeflError("no candidate tiers to choose from")
+    budget = policy.memory_fraction * memory_available_mb
+    by_size = sorted(candidates, key=lambda t: -catalogue.cost(t).params)
+    fitting, rejected = [], []
+    for tier in by_size:
+        need = catalogue.memory_mb(tier)
+        # Weights travel both ways as float32 every round.
+        seconds = estimate_round_s(catalogue, tier, reference_samples_per_s, policy.samples_per_round,
+                                   2 * 4 * catalogue.cost(tier).params, bandwidth_mbps)
+        if need > budget:
+            rejected.append((tier, f"{tier} would need {need:,.0f} MB > {budget:,.0f} MB "
+                                   f"({100 * policy.memory_fraction:.0f}% of {memory_available_mb:,.0f} MB available)"))
+            continue
+        fitting.append((tier, need, seconds))
+        if policy.deadline_s is None or seconds <= policy.deadline_s:
+            return Choice(tier, _explain(tier, need, budget, seconds, policy, rejected), seconds, need, True)
+        rejected.append((tier, f"{tier} would need {seconds:.1f} s > {policy.deadline_s:g} s deadline"))
+    if not fitting:
+        smallest = min(candidates, key=lambda t: catalogue.memory_mb(t))
+        raise GeflError(f"no tier fits this device's memory: the smallest, {smallest}, would need "
+                        f"{catalogue.memory_mb(smallest):,.0f} MB but training may use {budget:,.0f} MB "
+                        f"({100 * policy.memory_fraction:.0f}% of {memory_available_mb:,.0f} MB available)")
+    tier, need, seconds = min(fitting, key=lambda f: f[2])
+    reason = (f"no tier meets the {policy.deadline_s:g} s deadline; {tier} is the fastest that fits in memory "
+              f"(about {seconds:.1f} s per round): expect this device to straggle")
+    return Choice(tier, reason, seconds, need, False)
+
+
+def _explain(tier: str, need: float, budget: float, seconds: float, policy: Policy,
+             rejected: list[tuple[str, str]]) -> str:
+    deadline = f"within the {policy.deadline_s:g} s deadline" if policy.deadline_s is not None else "no deadline"
+    text = f"{tier}: needs {need:,.0f} MB of {budget:,.0f} MB allowed, about {seconds:.1f} s per round ({deadline})"
+    if rejected:
+        text += f"; {rejected[-1][1]}"
+    return text
+
+
+def parse_mix(data: Any, profiles: dict[str, DeviceProfile], source: str) -> list[str]:
+    """{profile: count} (or a "3 x rpi-4, 2 x desktop-gpu" string) -> one profile name per client."""
+    if isinstance(data, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in data.split(","))):
+            count, sep, name = part.partition("x")
+            if not sep or not count.strip().isdigit():
+                raise GeflError(f"{source}: cannot read {part!r} in the mix; write it as '3 x rpi-4'")
+            pairs.append((name.strip(), int(count)))
+        data = dict(pairs)
+    if not isinstance(data, dict) or not data:
+        raise GeflError(f"{source}: 'mix' must name profiles and counts, e.g. {{rpi-4: 3, desktop-gpu: 1}}")
+    clients = []
+    for name, count in data.items():
+        if name not in profiles:
+            raise unknown_name("device profile", name, profiles)
+        if not isinstance(count, int) or count < 1:
+            raise GeflError(f"{source}: the mix needs a positive whole count for {name!r}, got {count!r}")
+        clients += [name] * count
+    return clients
+
+
+def load_mix(path: str | Path) -> tuple[list[DeviceProfile], Policy]:
+    """A devices file for `gefl simulate --devices`: a `mix`, plus optional `profiles` and `policy`
+    that extend or override configs/devices.yaml."""
+    profiles, policy = load_profiles(DEVICES_PATH)
+    data = _read_yaml(Path(path), "devices file")
+    unknown = set(data) - {"profiles", "policy", "mix"}
+    if unknown:
+        raise GeflError(f"devices file {path}: unknown keys {sorted(unknown)}; valid keys are mix, profiles, policy")
+    profiles.update(parse_profiles(data.get("profiles", {}), str(path)))
+    if "policy" in data:
+        policy = parse_policy(data["policy"], str(path))
+    if "mix" not in data:
+        raise GeflError(f"devices file {path} has no 'mix' (which profiles, how many), e.g. mix: {{rpi-4: 3}}")
+    return [profiles[name] for name in parse_mix(data["mix"], profiles, str(path))], policy
+
+
+def profile_mb(profile_bytes: int) -> float:
+    return profile_bytes / _MB
