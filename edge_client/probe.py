@@ -32,7 +32,8 @@ REFERENCE_TIER = "cnn3"
 """The tier whose training speed stands for the device; small enough to measure on a Pi in a second."""
 
 MEASURE_SECONDS = 1.0
-MEASURE_BATCH = 32
+MEASURE_BATCH = 64
+"""The batch of the tier catalogue (configs/tiers.yaml), so the two figures compare."""
 
 _GIB = 1024**3
 
@@ -261,9 +262,23 @@ def measure_train_throughput(seconds: float = MEASURE_SECONDS, batch_size: int =
     """Training samples per second of the reference tier on this CPU, as the client would train.
 
     Parameter counts say little about speed on a given board (cache sizes, SIMD, thermal limits),
-    so the probe times real SGD steps instead. It runs in this process with torch's current thread
-    count, which is what a client will use, and it leaves the caller's random state untouched.
+    so the probe times real SGD steps instead. It uses one thread, as the tier catalogue's
+    measurements and the simulator's workers do, so that speed ratios between tiers carry over; a
+    multi-threaded timing also collapses whenever another process holds a core. It leaves the
+    caller's random state and thread count untouched.
     """
+    import torch
+
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _time_steps(seconds, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_steps(seconds: float, batch_size: int) -> float:
     import torch
     from torch.nn import functional as F
 
@@ -320,4 +335,4 @@ def _format_cuda(cuda: dict | None) -> str:
 def _format_throughput(samples_per_s: float | None) -> str:
     if samples_per_s is None:
         return "not measured"
-    return f"{samples_per_s:,.0f} samples/s ({REFERENCE_TIER}, batch {MEASURE_BATCH}, CPU)"
+    return f"{samples_per_s:,.0f} samples/s ({REFERENCE_TIER}, batch {MEASURE_BATCH}, 1 CPU thread)"

@@ -74,7 +74,7 @@ def _probe(args: argparse.Namespace) -> int:
             raise unknown_name("tier", args.tier, list_tiers())
         tier, reason = args.tier, f"{args.tier}: chosen with --tier (the policy was not consulted)"
     else:
-        candidates = args.tiers.split(",") if args.tiers else [t for t, c in catalogue.tiers.items() if not c.opt_in]
+        candidates = args.tiers.split(",") if args.tiers else list(catalogue.tiers)
         choice = select_tier(candidates, profile.memory_available_bytes / 2**20, profile.train_samples_per_s,
                              policy, catalogue)
         tier, reason = choice.tier, choice.reason
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prb.add_argument("--json", action="store_true", help="print one JSON object (configs/schemas/probe.schema.json)")
     prb.add_argument("--tier", metavar="NAME", help="skip the policy and report this tier")
-    prb.add_argument("--tiers", metavar="A,B,...", help="tiers the federation offers (default: every non-opt-in tier)")
+    prb.add_argument("--tiers", metavar="A,B,...",
+                     help="tiers the federation offers (default: every tier in the catalogue)")
     prb.add_argument("--deadline", type=float, metavar="S", help="round deadline in seconds (default 20)")
     prb.add_argument("--samples-per-round", type=int, metavar="N",
                      help="local samples x local epochs per round (default 3000)")

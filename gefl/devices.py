@@ -38,6 +38,9 @@ class TierCost:
     train_mflops_per_sample: float
     train_memory_mb: float
     opt_in: bool = False
+    train_samples_per_s: float | None = None
+    """Measured on the catalogue's machine; ratios of these predict speed better than FLOPs, since
+    small tiers are bound by per-layer overhead rather than arithmetic."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,12 @@ class Catalogue:
         return self.tiers[tier]
 
     def samples_per_s(self, tier: str, reference_samples_per_s: float) -> float:
-        """Training throughput of `tier` on a device that trains the reference tier this fast."""
-        ratio = self.cost(self.reference_tier).train_mflops_per_sample / self.cost(tier).train_mflops_per_sample
-        return reference_samples_per_s * ratio
+        """Training throughput of `tier` on a device that trains the reference tier this fast: scaled by
+        the measured speed ratio where the catalogue has one, by the FLOPs ratio otherwise."""
+        ref, cost = self.cost(self.reference_tier), self.cost(tier)
+        if ref.train_samples_per_s and cost.train_samples_per_s:
+            return reference_samples_per_s * cost.train_samples_per_s / ref.train_samples_per_s
+        return reference_samples_per_s * ref.train_mflops_per_sample / cost.train_mflops_per_sample
 
     def memory_mb(self, tier: str) -> float:
         return self.runtime_memory_mb + self.cost(tier).train_memory_mb
@@ -79,7 +85,8 @@ def load_catalogue(path: str | Path = CATALOGUE_PATH) -> Catalogue:
     try:
         tiers = {
             name: TierCost(name, int(row["params"]), float(row["train_mflops_per_sample"]),
-                           float(row["train_memory_mb"]), bool(row.get("opt_in", False)))
+                           float(row["train_memory_mb"]), bool(row.get("opt_in", False)),
+                           float(row["train_samples_per_s"]) if row.get("train_samples_per_s") else None)
             for name, row in data["tiers"].items()
         }
         catalogue = Catalogue(str(data["reference_tier"]), float(data["runtime_memory_mb"]), tiers)

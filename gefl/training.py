@@ -20,7 +20,14 @@ def sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _batches(n: int, batch_size: int, rng: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=rng).split(batch_size))
+    """Shuffled index batches. A lone last sample joins the batch before it: BatchNorm cannot
+    train on a batch of one where a head pools to 1x1 (mobilenet-v3-small), and dropping the
+    sample would waste a client's data."""
+    batches = list(torch.randperm(n, generator=rng).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        last = batches.pop()
+        batches[-1] = torch.cat([batches[-1], last])
+    return batches
 
 
 def train_epochs(

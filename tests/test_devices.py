@@ -1,0 +1,168 @@
+"""Tier selection by device capability, the device profiles, `gefl probe`, and simulated device mixes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from gefl import simulate
+from gefl.devices import (
+    DEVICES_PATH,
+    Catalogue,
+    Policy,
+    TierCost,
+    load_catalogue,
+    load_mix,
+    load_profiles,
+    select_tier,
+)
+from gefl.errors import GeflError
+from gefl.models import PAPER_TIERS
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A small catalogue with round numbers, so every expectation below can be checked by hand.
+TOY = Catalogue("small", runtime_memory_mb=100.0, tiers={
+    "small": TierCost("small", 1_000, 1.0, 10.0),
+    "medium": TierCost("medium", 10_000, 2.0, 50.0),
+    "large": TierCost("large", 100_000, 5.0, 400.0),
+})
+
+
+def test_policy_picks_the_largest_tier_that_fits_and_names_the_runner_up():
+    # 1000 samples at 100 samples/s on the reference tier: small 10 s, medium 20 s, large 50 s.
+    policy = Policy(deadline_s=25, samples_per_round=1000)
+    choice = select_tier(["small", "medium", "large"], 2000, 100, policy, TOY)
+    assert choice.tier == "medium" and choice.meets_deadline
+    assert choice.round_time_s == pytest.approx(20.0)
+    assert "large would need 50.0 s > 25 s deadline" in choice.reason
+    # Without a deadline, memory alone decides: large needs 500 MB of the 1000 MB allowed.
+    assert select_tier(["small", "medium", "large"], 2000, 100, Policy(None, 1000), TOY).tier == "large"
+    # Memory: 700 MB available, half of it allowed: large (500 MB) is refused, with the figures.
+    choice = select_tier(["small", "medium", "large"], 700, 1000, Policy(None, 1000), TOY)
+    assert choice.tier == "medium" and "large would need 500 MB > 350 MB (50% of 700 MB available)" in choice.reason
+
+
+def test_policy_when_nothing_meets_the_deadline_or_fits_in_memory():
+    slow = select_tier(["small", "medium", "large"], 2000, 10, Policy(deadline_s=25, samples_per_round=1000), TOY)
+    assert slow.tier == "small" and not slow.meets_deadline and "straggle" in slow.reason
+    with pytest.raises(GeflError, match="no tier fits this device's memory: the smallest, small, would need 110 MB"):
+        select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000), TOY)
+
+
+def test_the_catalogue_has_every_paper_tier():
+    catalogue = load_catalogue()
+    assert set(PAPER_TIERS) <= set(catalogue.tiers)
+    assert catalogue.reference_tier in catalogue.tiers and catalogue.runtime_memory_mb > 0
+
+
+def test_every_device_profile_gets_its_documented_tier():
+    profiles, policy = load_profiles(DEVICES_PATH)
+    catalogue = load_catalogue()
+    assert set(profiles) >= {"rpi-zero-2w", "rpi-4", "rpi-5", "jetson-nano", "jetson-orin-nano", "desktop-gpu"}
+    for name, profile in profiles.items():
+        if profile.expected_tier is None:
+            with pytest.raises(GeflError, match="no tier fits this device's memory"):
+                select_tier(list(catalogue.tiers), profile.memory_available_mb, profile.train_samples_per_s, policy,
+                            catalogue, profile.bandwidth_mbps)
+            continue
+        choice = select_tier(list(catalogue.tiers), profile.memory_available_mb, profile.train_samples_per_s, policy,
+                             catalogue, profile.bandwidth_mbps)
+        assert choice.tier == profile.expected_tier, (name, choice.reason)
+
+
+def test_devices_files_are_checked(tmp_path):
+    cases = {
+        "mix: {rpi-9: 2}": "unknown device profile 'rpi-9'",
+        "mix: {rpi-4: 0}": "positive whole count for 'rpi-4'",
+        "profiles: {x: {memory_available_mb: 100}}\nmix: {x: 1}": "profile 'x' lacks 'train_samples_per_s'",
+        "mix: '2 rpi-4'": "write it as '3 x rpi-4'",
+        "mixes: {rpi-4: 1}": "unknown keys \\['mixes'\\]",
+        "mix: [": "not valid YAML",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "devices.yaml"
+        path.write_text(text)
+        with pytest.raises(GeflError, match=message):
+            load_mix(path)
+    path.write_text("mix: '3 x rpi-4, 1 x desktop-gpu'")
+    assert [p.name for p in load_mix(path)[0]] == ["rpi-4"] * 3 + ["desktop-gpu"]
+
+
+def fake_tree(root: Path, model: str, mem_kb: int, cpus: int) -> Path:
+    (root / "proc" / "device-tree").mkdir(parents=True)
+    (root / "proc" / "device-tree" / "model").write_bytes(model.encode() + b"\0")
+    (root / "proc" / "meminfo").write_text(f"MemTotal: {mem_kb} kB\nMemFree: {mem_kb // 2} kB\n"
+                                           f"MemAvailable: {mem_kb * 3 // 4} kB\n")
+    (root / "proc" / "cpuinfo").write_text("".join(f"processor\t: {i}\n\n" for i in range(cpus)))
+    return root
+
+
+def probe_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gefl.cli", "probe", *args], capture_output=True, text=True)
+
+
+def test_gefl_probe_json_follows_the_schema_and_explains_its_choice(tmp_path):
+    schema = json.loads((REPO / "configs" / "schemas" / "probe.schema.json").read_text())
+    root = fake_tree(tmp_path / "pi", "Raspberry Pi 4 Model B Rev 1.4", 3_884_000, 4)
+    result = probe_cli("--json", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, schema)
+    assert report["board_family"] == "raspberry-pi" and report["cpu_count"] == 4
+    assert report["tier"] in load_catalogue().tiers and report["reason"].startswith(report["tier"])
+    here = probe_cli()
+    assert here.returncode == 0, here.stderr
+    assert "tier" in here.stdout and "samples/s" in here.stdout
+
+
+def test_gefl_probe_on_a_board_too_small_for_any_tier(tmp_path):
+    root = fake_tree(tmp_path / "zero", "Raspberry Pi Zero 2 W Rev 1.0", 427_000, 4)
+    result = probe_cli("--root", str(root))
+    assert result.returncode == 2
+    assert "no tier fits this device's memory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_simulated_device_mix_picks_tiers_and_counts_stragglers(tmp_path):
+    devices = tmp_path / "mix.yaml"
+    devices.write_text(yaml.safe_dump({
+        # 1000 samples per round: fast trains any tier in well under a second, slow needs 20 s on any.
+        "profiles": {"fast": {"memory_available_mb": 8000, "train_samples_per_s": 20000},
+                     "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
+        "policy": {"deadline_s": 1.0},
+        "mix": {"fast": 2, "slow": 1},
+    }))
+    summary = simulate({"algorithm": "fedavg", "tiers": ["cnn3c", "cnn5"], "rounds": 2, "devices": str(devices),
+                        "partition": {"samples_per_client": 500}, "train": {"local_epochs": 2},
+                        "eval": {"every": 1}}, out=tmp_path / "run", progress=None)
+    assert summary["num_clients"] == 3
+    classes = summary["devices"]["device_classes"]
+    assert classes["fast"]["tiers"] == ["cnn5"] and classes["slow"]["tiers"] == ["cnn3c"]
+    assert classes["slow"]["stragglers"] == 2 and classes["fast"]["stragglers"] == 0
+    assert classes["slow"]["median_round_s"] > 1.0 > classes["fast"]["median_round_s"]
+    assert set(summary["tiers"]) == {"cnn5", "cnn3c"}
+    # The fast clients' updates were aggregated; every slow update was dropped, so cnn3c never moved.
+    assert summary["tiers"]["cnn5"]["best_acc"] > 50
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["stragglers"] == [2] and m["simulated_s"] == 1.0 for m in metrics)
+    assert len({m["accuracy"]["cnn3c"] for m in metrics}) == 1 < len({m["accuracy"]["cnn5"] for m in metrics})
+    clients = json.loads((tmp_path / "run" / "partition.json").read_text())
+    assert [c["device"] for c in clients] == ["fast", "fast", "slow"] and "straggle" in clients[2]["tier_reason"]
+
+
+def test_the_shipped_mix_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gefl.cli", "simulate", "--config", str(REPO / "configs" / "quickstart.yaml"),
+         "--devices", str(DEVICES_PATH), "--set", "algorithm=fedavg", "--set", "rounds=1",
+         "--set", "partition.samples_per_client=100", "--set", "train.local_epochs=1", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert set(summary["devices"]["device_classes"]) == {"rpi-4", "jetson-orin-nano", "desktop-gpu"}
+    assert summary["num_clients"] == 6 and "simulated devices" in result.stdout
