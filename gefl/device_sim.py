@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gefl.devices import Catalogue, DeviceProfile, Policy, estimate_round_s, load_catalogue, load_mix, select_tier
+from gefl.devices import (
+    Catalogue,
+    DeviceProfile,
+    Policy,
+    estimate_round_s,
+    load_catalogue,
+    load_mix,
+    select_tier,
+    transfer_s,
+)
 
 
 @dataclass
@@ -74,7 +83,7 @@ class DeviceSimulation:
         if generator_phase and self.generator_mflops is not None:
             ref = self.catalogue.cost(self.catalogue.reference_tier).train_mflops_per_sample
             compute = samples / (client.profile.train_samples_per_s * ref / self.generator_mflops)
-            return compute + 8 * bytes_moved / (client.profile.bandwidth_mbps * 1e6)
+            return compute + transfer_s(bytes_moved, client.profile.bandwidth_mbps)
         return estimate_round_s(self.catalogue, client.tier, client.profile.train_samples_per_s, samples,
                                 bytes_moved, client.profile.bandwidth_mbps)
 

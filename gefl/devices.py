@@ -28,8 +28,6 @@ DEVICES_PATH = CONFIGS / "devices.yaml"
 MEMORY_FRACTION = 0.5
 """Share of the available memory training may take; the rest is for the OS and other work."""
 
-_MB = 1024**2
-
 
 @dataclass(frozen=True)
 class TierCost:
@@ -167,12 +165,15 @@ class Choice:
     meets_deadline: bool
 
 
+def transfer_s(transfer_bytes: int, bandwidth_mbps: float | None) -> float:
+    return 8 * transfer_bytes / (bandwidth_mbps * 1e6) if bandwidth_mbps and transfer_bytes else 0.0
+
+
 def estimate_round_s(catalogue: Catalogue, tier: str, reference_samples_per_s: float, samples: int,
                      transfer_bytes: int = 0, bandwidth_mbps: float | None = None) -> float:
     """Local training time plus the time to download and upload the exchanged weights."""
-    compute = samples / catalogue.samples_per_s(tier, reference_samples_per_s)
-    transfer = 8 * transfer_bytes / (bandwidth_mbps * 1e6) if bandwidth_mbps and transfer_bytes else 0.0
-    return compute + transfer
+    return samples / catalogue.samples_per_s(tier, reference_samples_per_s) + transfer_s(transfer_bytes,
+                                                                                          bandwidth_mbps)
 
 
 def select_tier(
@@ -258,7 +259,3 @@ def load_mix(path: str | Path) -> tuple[list[DeviceProfile], Policy]:
     if "mix" not in data:
         raise GeflError(f"devices file {path} has no 'mix' (which profiles, how many), e.g. mix: {{rpi-4: 3}}")
     return [profiles[name] for name in parse_mix(data["mix"], profiles, str(path))], policy
-
-
-def profile_mb(profile_bytes: int) -> float:
-    return profile_bytes / _MB
