@@ -172,8 +172,8 @@ def transfer_s(transfer_bytes: int, bandwidth_mbps: float | None) -> float:
 def estimate_round_s(catalogue: Catalogue, tier: str, reference_samples_per_s: float, samples: int,
                      transfer_bytes: int = 0, bandwidth_mbps: float | None = None) -> float:
     """Local training time plus the time to download and upload the exchanged weights."""
-    return samples / catalogue.samples_per_s(tier, reference_samples_per_s) + transfer_s(transfer_bytes,
-                                                                                          bandwidth_mbps)
+    compute = samples / catalogue.samples_per_s(tier, reference_samples_per_s)
+    return compute + transfer_s(transfer_bytes, bandwidth_mbps)
 
 
 def select_tier(
