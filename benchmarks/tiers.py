@@ -25,10 +25,10 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,9 +73,11 @@ HEADER = f"""\
 #                            {BATCH_SIZE} 1x32x32 images, divided by {BATCH_SIZE}, in millions; counted by
 #                            torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, a
 #                            multiply-add = 2 FLOPs; elementwise ops, norms and pooling are not counted)
-#   train_memory_mb          peak RSS minus runtime_memory_mb of a fresh 1-thread process that builds the
-#                            tier and runs {MEMORY_STEPS} SGD steps (lr {LR}, momentum {MOMENTUM}, batch {BATCH_SIZE});
-#                            median of 3 processes; for torchvision tiers it includes importing torchvision
+#   train_memory_mb          peak anonymous memory (RssAnon, sampled every 0.5 ms; tensors, gradients,
+#                            optimizer state, Python objects) added by building the tier and running
+#                            {MEMORY_STEPS} SGD steps (lr {LR}, momentum {MOMENTUM}, batch {BATCH_SIZE}) in a fresh
+#                            1-thread process with glibc's mmap threshold fixed; median of 3 processes. Library
+#                            code pages are shared and reclaimable and belong to runtime_memory_mb
 #   train_samples_per_s      training samples per second on `machine` at 1 thread, batch {BATCH_SIZE}
 #                            (median step time after warm-up)
 #   opt_in                   true for the larger tiers no default config lists; a federation names them
@@ -105,41 +107,43 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _reset_peak_rss() -> bool:
-    """Make the kernel's peak RSS (VmHWM) start again from the current RSS (Linux >= 4.0).
-
-    Without it the peak is the process's lifetime peak, and importing torch can briefly take more
-    than a small tier's whole training, which would hide that tier's memory entirely.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _hwm_bytes() is not None
-    except OSError:
-        return False
+def _anon_bytes() -> int:
+    """RssAnon: tensors, gradients, optimizer state and Python objects. File-backed pages (library
+    code) are left out on purpose: they are shared, reclaimable, and how many stay resident depends
+    on the page cache, not on the tier (they made a whole-RSS peak swing by 20 MB between runs)."""
+    match = re.search(r"^RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) * 1024 if match else _rss_bytes()
 
 
-def _hwm_bytes() -> int | None:
-    try:
-        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) * 1024 if match else None
+class _AnonPeak(threading.Thread):
+    """Samples RssAnon every half millisecond: the kernel keeps no peak of anonymous memory alone,
+    and the peak of a training step (activations held for backward) lasts only milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = _anon_bytes()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, _anon_bytes())
+            self._done.wait(0.0005)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        self.peak = max(self.peak, _anon_bytes())
+        return self.peak
 
 
 def _rss_split_mb() -> dict[str, float]:
-    """RssAnon and RssFile (Linux): library code is file-backed and can be dropped under pressure,
-    anonymous memory (tensors, Python objects) cannot."""
+    """RssAnon and RssFile (Linux), for the record."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return {}
     found = re.findall(r"^(RssAnon|RssFile):\s+(\d+) kB", status, re.M)
     return {key: int(kb) / 1024 for key, kb in found}
-
-
-def _lifetime_peak_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def measure_here(tier: str, timed: bool = True) -> dict:
@@ -156,7 +160,9 @@ def measure_here(tier: str, timed: bool = True) -> dict:
     gc.collect()
     baseline = _rss_bytes()  # after importing psutil, so that is part of the runtime too
     runtime_split = _rss_split_mb()
-    exact = _reset_peak_rss()
+    anon_baseline = _anon_bytes()
+    sampler = _AnonPeak()
+    sampler.start()
     model = get_model(tier).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     x, y = torch.randn(BATCH_SIZE, *INPUT_SHAPE), torch.randint(10, (BATCH_SIZE,))
@@ -168,10 +174,10 @@ def measure_here(tier: str, timed: bool = True) -> dict:
 
     for _ in range(MEMORY_STEPS):
         step()
-    peak = (_hwm_bytes() if exact else None) or max(_lifetime_peak_bytes(), _rss_bytes())
+    peak = sampler.stop()
     result = {
-        "tier": tier, "runtime_memory_mb": baseline / _MB, "peak_memory_mb": peak / _MB,
-        "train_memory_mb": (peak - baseline) / _MB, "peak_method": "VmHWM reset" if exact else "ru_maxrss",
+        "tier": tier, "runtime_memory_mb": baseline / _MB,
+        "train_memory_mb": (peak - anon_baseline) / _MB, "peak_method": "sampled RssAnon",
         # Informative only: anonymous vs file-backed (library code) RSS, before and after training.
         "runtime_rss_split_mb": runtime_split, "trained_rss_split_mb": _rss_split_mb(),
     }
@@ -191,8 +197,14 @@ def measure_here(tier: str, timed: bool = True) -> dict:
 
 def measure_fresh(tier: str, timed: bool = True) -> dict:
     """`measure_here` in a new single-threaded process (`python benchmarks/tiers.py --one TIER`)."""
+    # A fixed mmap threshold: glibc otherwise raises it as tensors are freed, so whether a freed
+    # activation goes back to the OS or stays in the heap (and in RSS) varied from run to run,
+    # which made small tiers' figures swing by +-30 %; with it, repeated runs agree within 0.3 MB.
+    # Only memory runs get it: every large tensor then costs an mmap, which halves training speed.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if not timed:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", tier] + ([] if timed else ["--untimed"])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
@@ -222,13 +234,13 @@ def machine_name() -> str:
 
 
 def measure_tier(tier: str, runs: int) -> dict:
-    rows = [measure_fresh(tier) for _ in range(runs)]
-    memory = [r["train_memory_mb"] for r in rows]
+    rows = [measure_fresh(tier, timed=False) for _ in range(runs)]
+    timed = [measure_fresh(tier) for _ in range(runs)]
     return {
         "params": count_parameters(get_model(tier)),
         "train_mflops_per_sample": train_mflops_per_sample(tier),
-        "train_memory_mb": statistics.median(memory),
-        "train_samples_per_s": statistics.median(r["train_samples_per_s"] for r in rows),
+        "train_memory_mb": statistics.median(r["train_memory_mb"] for r in rows),
+        "train_samples_per_s": statistics.median(r["train_samples_per_s"] for r in timed),
         "opt_in": tier in OPT_IN_TIERS,
         "runs": rows,
     }
@@ -291,7 +303,8 @@ def write_results(out: Path, result: dict) -> None:
         f"Training at batch {BATCH_SIZE} on 1x32x32 inputs, 1 thread; written by `python benchmarks/tiers.py`, "
         "which also rewrites configs/tiers.yaml (columns explained in its header). "
         f"Runtime memory (Python + torch + one optimizer, before any model): {result['runtime_memory_mb']:.1f} MB. "
-        f"Train memory: peak RSS above that, median of {result['runs']} fresh processes (min-max in brackets).",
+        f"Train memory: peak anonymous memory (RssAnon) above that, median of {result['runs']} fresh processes "
+        "(min-max in brackets).",
         "",
         "Effective GFLOP/s = MFLOPs/sample x samples/s. FLOPs-predicted = the reference tier's measured "
         "samples/s scaled by the FLOPs ratio (the device policy's estimate); predicted / measured > 1 means "
