@@ -30,6 +30,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from export.infer import open_session  # noqa: E402
 from export.onnx_export import export_run, load_tier  # noqa: E402
 from gefl.config import load_config  # noqa: E402
 from gefl.data import read_idx  # noqa: E402
@@ -38,13 +39,6 @@ from gefl.simulation import simulate  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = {1: 200, 64: 20}
 """Calls per timed block: a block lasts a few tens of milliseconds, long enough for the clock."""
-
-
-def ort_session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def engines(model: torch.nn.Module, fp32: ort.InferenceSession, int8: ort.InferenceSession,
@@ -107,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         tiers = {}
         for tier, entry in report["tiers"].items():
             model, _ = load_tier(run_dir, tier)
-            fp32 = ort_session(tmp / "onnx" / entry["fp32"]["file"], args.threads)
-            int8 = ort_session(tmp / "onnx" / entry["int8"]["file"], args.threads)
+            fp32 = open_session(tmp / "onnx" / entry["fp32"]["file"], args.threads)
+            int8 = open_session(tmp / "onnx" / entry["int8"]["file"], args.threads)
             latency = {}
             for batch, calls in CALLS.items():
                 latency[batch] = time_engines(engines(model, fp32, int8, inputs[batch]), calls, args.repeats)

@@ -7,7 +7,7 @@ independent), the memory a training process adds on top of the runtime, and the 
 measured here, against which the FLOPs-based estimate can be checked.
 
 Memory is measured in a fresh single-threaded process per tier and run (`--one TIER`): a process
-that has already built other models keeps their freed memory in its allocator, and its peak RSS
+that has already built other models keeps their freed memory in its allocator, and its peak memory
 would describe them, not this tier. The median of `--runs` processes is kept.
 
     python benchmarks/tiers.py                     # every registered tier; rewrites configs/tiers.yaml

@@ -8,6 +8,7 @@ measured, not trusted: every file's accuracy on the whole test set goes into the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from export.infer import open_session
 from export.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from export.quantize import QUANTIZE_MODES, quantize
 from gefl.data import MEAN, STD, Dataset, load_dataset
@@ -110,10 +112,6 @@ def set_metadata(proto: onnx.ModelProto, info: ModelInfo) -> None:
     proto.producer_name = "gefl-edge"
 
 
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def logits_of(sess: ort.InferenceSession, images: torch.Tensor, batch: int = EVAL_BATCH) -> np.ndarray:
     return np.concatenate([sess.run(None, {INPUT_NAME: images[i:i + batch].numpy()})[0]
                            for i in range(0, len(images), batch)])
@@ -197,7 +195,7 @@ def _export_tier(model: TierNet, tier: str, dataset: Dataset, run_id: str, out: 
     )
     fp32_path = out / f"{tier}.onnx"
     export_onnx(model, info, fp32_path)
-    sess = session(fp32_path)
+    sess = open_session(fp32_path)
     check = parity(sess, model, dataset.test.images[:PARITY_IMAGES])
     check["parity_ok"] = check["max_abs_logit_diff"] < PARITY_TOLERANCE and check["top1_agreement"] == 1.0
     with torch.inference_mode():
@@ -217,9 +215,9 @@ def _export_tier(model: TierNet, tier: str, dataset: Dataset, run_id: str, out: 
         quantize(fp32_path, int8_path, quantize_mode, calibration)
         proto = onnx.load(str(int8_path))
         strip_debug_info(proto)
-        set_metadata(proto, ModelInfo(**{**info.__dict__, "precision": "int8"}))
+        set_metadata(proto, dataclasses.replace(info, precision="int8"))
         onnx.save_model(proto, str(int8_path))
-        int8_logits = logits_of(session(int8_path), dataset.test.images)
+        int8_logits = logits_of(open_session(int8_path), dataset.test.images)
     except Exception as exc:  # the quantizer's failures are many and untyped; the fp32 file stands regardless
         int8_path.unlink(missing_ok=True)
         entry["int8"] = {"skipped": f"{quantize_mode} quantization does not apply: {type(exc).__name__}: {exc}"}
