@@ -59,14 +59,14 @@ def _probe(args: argparse.Namespace) -> int:
     from edge_client.probe import format_profile, probe
     from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
 
-    profile = probe(args.root, measure=True)
     _, defaults = load_profiles(DEVICES_PATH)
     policy = Policy(
         deadline_s=args.deadline if args.deadline is not None else defaults.deadline_s,
-        samples_per_round=args.samples_per_round or defaults.samples_per_round,
-        memory_fraction=args.memory_fraction or defaults.memory_fraction,
+        samples_per_round=args.samples_per_round if args.samples_per_round is not None else defaults.samples_per_round,
+        memory_fraction=args.memory_fraction if args.memory_fraction is not None else defaults.memory_fraction,
     )
     catalogue = load_catalogue()
+    profile = probe(args.root, measure=True)  # after the flags are checked: measuring takes a second
     if args.tier:
         from gefl.models import list_tiers
 
@@ -99,6 +99,8 @@ def _infer(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise GeflError(f"--top must be at least 1, got {args.top}")
+    if args.threads is not None and args.threads < 1:
+        raise GeflError(f"--threads must be at least 1, got {args.threads}")
     run(args.model, args.target, top=args.top, threads=args.threads)
     return 0
 

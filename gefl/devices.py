@@ -118,6 +118,15 @@ class Policy:
     """Local training samples per round: samples per client x local epochs (the paper: 600 x 5)."""
     memory_fraction: float = MEMORY_FRACTION
 
+    def __post_init__(self) -> None:
+        """Checked here so a devices file and the probe's flags fail the same way."""
+        if self.deadline_s is not None and (not isinstance(self.deadline_s, int | float) or self.deadline_s <= 0):
+            raise GeflError(f"policy deadline_s must be a positive number of seconds, got {self.deadline_s!r}")
+        if not isinstance(self.samples_per_round, int) or self.samples_per_round < 1:
+            raise GeflError(f"policy samples_per_round must be a positive whole number, got {self.samples_per_round!r}")
+        if not isinstance(self.memory_fraction, int | float) or not 0 < self.memory_fraction <= 1:
+            raise GeflError(f"policy memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+
 
 _PROFILE_KEYS = {"memory_available_mb", "train_samples_per_s", "bandwidth_mbps", "cores", "memory_total_mb", "cuda",
                  "expected_tier"}

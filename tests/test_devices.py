@@ -85,6 +85,8 @@ def test_devices_files_are_checked(tmp_path):
         "mix: '2 rpi-4'": "write it as '3 x rpi-4'",
         "mixes: {rpi-4: 1}": "unknown keys \\['mixes'\\]",
         "mix: [": "not valid YAML",
+        "policy: {deadline_s: soon}\nmix: {rpi-4: 1}": "deadline_s must be a positive number of seconds",
+        "policy: {memory_fraction: 1.5}\nmix: {rpi-4: 1}": "memory_fraction must be in \\(0, 1\\]",
     }
     for text, message in cases.items():
         path = tmp_path / "devices.yaml"
@@ -120,6 +122,11 @@ def test_gefl_probe_json_follows_the_schema_and_explains_its_choice(tmp_path):
     here = probe_cli()
     assert here.returncode == 0, here.stderr
     assert "tier" in here.stdout and "samples/s" in here.stdout
+
+
+def test_gefl_probe_refuses_a_nonsense_policy():
+    result = probe_cli("--memory-fraction", "-1")
+    assert result.returncode == 2 and "memory_fraction must be in (0, 1]" in result.stderr
 
 
 def test_gefl_probe_on_a_board_too_small_for_any_tier(tmp_path):
