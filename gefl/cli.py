@@ -23,20 +23,72 @@ def _configs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace, extra: list[str] | None = None):  # -> Config, typed lazily
     from gefl.config import load_config
-    from gefl.simulation import simulate
 
     config = args.config or _configs_dir() / DEFAULT_CONFIG
-    overrides = list(args.set or [])
+    overrides = list(args.set or []) + list(extra or [])
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
-    if args.seed is not None:
+    if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
-    if args.devices:
-        overrides.append(f"devices={args.devices}")
-    cfg = load_config(config, overrides)
-    simulate(cfg, out=args.out)
+    return load_config(config, overrides)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    cfg = _load(args, [f"devices={args.devices}"] if args.devices else [])
+    if args.transport == "grpc":
+        from aggregator.local_federation import simulate_over_grpc
+
+        if cfg.devices is not None:
+            raise GeflError("--devices simulates device speeds in one process; it does not combine with "
+                            "--transport grpc, whose clients are real processes")
+        simulate_over_grpc(cfg, out=args.out)
+    else:
+        from gefl.simulation import simulate
+
+        simulate(cfg, out=args.out)
+    return 0
+
+
+def _tls_files(cert: str | None, key: str | None, client_ca: str | None):  # -> TlsFiles | None
+    from aggregator.grpc_server import TlsFiles
+
+    if (cert is None) != (key is None):
+        raise GeflError("--tls-cert and --tls-key go together (the server certificate and its private key)")
+    if client_ca and cert is None:
+        raise GeflError("--client-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+    return TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None) if cert else None
+
+
+def _aggregator_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from aggregator.serve import serve
+
+    cfg = _load(args)
+    tls = _tls_files(args.tls_cert, args.tls_key, args.client_ca)
+    serve(cfg, args.listen, args.state_dir, tls=tls, token=args.token or os.environ.get("GEFL_TOKEN"),
+          say=lambda m: print(m, flush=True))
+    return 0
+
+
+def _client_run(args: argparse.Namespace) -> int:
+    import os
+
+    from edge_client.grpc_transport import GrpcClientTransport
+    from edge_client.runtime import ClientOptions, ClientRuntime
+
+    token = args.token or os.environ.get("GEFL_TOKEN")
+    if not token:
+        raise GeflError("the aggregator's enrolment token is needed: pass --token T or set GEFL_TOKEN (the "
+                        "aggregator prints it when it starts and keeps it in its state directory)")
+    if args.threads is not None and args.threads < 1:
+        raise GeflError(f"--threads must be at least 1, got {args.threads}")
+    transport = GrpcClientTransport(args.aggregator, token, ca=args.ca, cert=args.cert, key=args.key)
+    options = ClientOptions(Path(args.data_dir), tier=args.tier, name=args.name, threads=args.threads,
+                            give_up_s=args.give_up)
+    ClientRuntime(transport, options, say=lambda m: print(m, flush=True)).run()
     return 0
 
 
@@ -105,6 +157,22 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_split(args: argparse.Namespace) -> int:
+    from gefl.image_folder import write_split
+
+    spc = args.samples_per_client.strip().lower()
+    if spc == "all":
+        samples_per_client = None
+    elif spc.isdigit() and int(spc) >= 1:
+        samples_per_client = int(spc)
+    else:
+        raise GeflError(f"--samples-per-client must be a positive whole number or 'all', "
+                        f"got {args.samples_per_client!r}")
+    write_split(args.dataset, args.clients, Path(args.out), kind=args.partition, samples_per_client=samples_per_client,
+                alpha=args.alpha, shards_per_client=args.shards_per_client, seed=args.seed, data_dir=args.data_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gefl",
@@ -125,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", "-o", metavar="DIR", help="run directory (default: runs/<name>-<timestamp>)")
     sim.add_argument("--data-dir", metavar="DIR", help="where the dataset files are (overrides data_dir)")
     sim.add_argument("--seed", type=int, help="random seed (overrides seed)")
+    sim.add_argument("--transport", choices=["inprocess", "grpc"], default="inprocess",
+                     help="inprocess (default): everything in this process; grpc: an aggregator on loopback and "
+                     "one `gefl client run` process per client, over the real protocol")
     sim.add_argument("--devices", metavar="YAML",
                      help="simulate a device mix (e.g. configs/devices.yaml): each client picks its tier by the "
                      "device policy and a simulated clock drives deadlines and stragglers")
@@ -176,6 +247,81 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--top", type=int, default=1, metavar="K", help="print the K most likely classes (default 1)")
     inf.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: all cores)")
     inf.set_defaults(func=_infer)
+
+    dat = sub.add_parser(
+        "data",
+        help="prepare client data on disk",
+        description="Prepare the data real clients train on.",
+    )
+    dat_sub = dat.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    spl = dat_sub.add_parser(
+        "split",
+        help="write each client's share of a dataset as an ImageFolder directory",
+        description="Split a dataset's training set among clients exactly as `gefl simulate` does for the same "
+        "dataset, partition and seed, and write DIR/client-000/, client-001/, ... in torchvision ImageFolder "
+        "layout: one folder per class (every class, empty ones included, so labels line up), one PNG per image at "
+        "its original size, named by its index in the training set. Also writes DIR/manifest.json with each "
+        "client's label histogram.",
+    )
+    spl.add_argument("--dataset", default="fashion-mnist", metavar="NAME",
+                     help="registered dataset (default: fashion-mnist; see `gefl list`)")
+    spl.add_argument("--clients", type=int, required=True, metavar="N", help="number of clients")
+    spl.add_argument("--partition", default="iid", choices=["iid", "dirichlet", "shards"],
+                     help="how labels spread over clients (default: iid)")
+    spl.add_argument("--out", "-o", required=True, metavar="DIR", help="a new or empty directory to write")
+    spl.add_argument("--samples-per-client", default="600", metavar="N|all",
+                     help="images per client drawn from the training set (default 600, the paper's); "
+                     "all splits the whole set")
+    spl.add_argument("--alpha", type=float, default=0.3, metavar="A",
+                     help="Dirichlet concentration for --partition dirichlet; smaller is more skewed (default 0.3)")
+    spl.add_argument("--shards-per-client", type=int, default=2, metavar="K",
+                     help="label-sorted shards per client for --partition shards (default 2)")
+    spl.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the split (default 0)")
+    spl.add_argument("--data-dir", metavar="DIR", help="where the dataset files are")
+    spl.set_defaults(func=_data_split)
+
+    agg = sub.add_parser("aggregator", help="run a federation's aggregator",
+                         description="The server side of a networked federation.")
+    agg_sub = agg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    srv = agg_sub.add_parser(
+        "serve", help="serve a federation over gRPC until its last round",
+        description="Hold the test set, register clients, run the config's rounds (quorum network.min_clients, "
+        "deadline network.round_timeout), evaluate, and write the run directory `gefl simulate` writes into "
+        "--state-dir, with a checkpoint after every round: started again on the same directory, it resumes.")
+    srv.add_argument("--config", "-c", metavar="YAML", help=f"experiment config (default: configs/{DEFAULT_CONFIG})")
+    srv.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
+    srv.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT",
+                     help="address to serve on (default 0.0.0.0:50051)")
+    srv.add_argument("--state-dir", required=True, metavar="DIR", help="run directory and checkpoint")
+    srv.add_argument("--data-dir", metavar="DIR", help="where the dataset's test set is (overrides data_dir)")
+    srv.add_argument("--token", metavar="T", help="enrolment token clients must present (default: $GEFL_TOKEN, "
+                     "else one generated and kept in the state directory)")
+    srv.add_argument("--tls-cert", metavar="PEM", help="server certificate: serve TLS")
+    srv.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    srv.add_argument("--client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    srv.set_defaults(func=_aggregator_serve)
+
+    cli = sub.add_parser("client", help="take part in a federation from this device",
+                         description="The edge side of a networked federation.")
+    cli_sub = cli.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = cli_sub.add_parser(
+        "run", help="register with an aggregator and train until the run is over",
+        description="Register with the aggregator (device profile in, tier and run config out), then train the "
+        "rounds it hands out on the local data: an ImageFolder directory, one sub-folder per class (`gefl data "
+        "split` writes them). Reconnects with backoff while the aggregator is away.")
+    run.add_argument("--aggregator", required=True, metavar="HOST:PORT", help="the aggregator's address")
+    run.add_argument("--data-dir", required=True, metavar="DIR", help="this client's images, ImageFolder layout")
+    run.add_argument("--tier", default="auto", metavar="auto|NAME",
+                     help="auto (default): probe this device and let the aggregator pick; or a tier name")
+    run.add_argument("--token", metavar="T", help="the federation's enrolment token (default: $GEFL_TOKEN)")
+    run.add_argument("--name", metavar="NAME", help="stable name of this device (default: the hostname)")
+    run.add_argument("--ca", metavar="PEM", help="CA certificate of the aggregator: connect with TLS")
+    run.add_argument("--cert", metavar="PEM", help="this client's certificate, for mutual TLS")
+    run.add_argument("--key", metavar="PEM", help="private key of --cert")
+    run.add_argument("--threads", type=int, metavar="N", help="torch threads for training (default: all cores)")
+    run.add_argument("--give-up", type=float, metavar="S",
+                     help="exit when the aggregator has been unreachable this many seconds (default: never)")
+    run.set_defaults(func=_client_run)
 
     ls = sub.add_parser("list", help="list tiers, datasets, algorithms and generator families")
     ls.set_defaults(func=_list)

@@ -76,6 +76,20 @@ class EvalConfig:
 
 
 @dataclass
+class NetworkConfig:
+    """How a networked aggregator (`gefl aggregator serve`) runs rounds; the simulator ignores it."""
+
+    min_clients: int | None = None
+    """The quorum: the first round starts once this many clients are registered, and a round counts
+    only with this many results (fewer by the deadline: the round runs again). null = num_clients."""
+    round_timeout: float = 600.0
+    """Seconds a round waits for results; a client that is slower is left out of that round."""
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    """A client silent this long (no heartbeat, no call) is counted offline and not waited for."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     dataset: str = "fashion-mnist"
@@ -94,6 +108,7 @@ class Config:
     gefl: GeflConfig = field(default_factory=GeflConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     workers: int | None = None
     """Processes training clients in parallel; null = one per CPU core (capped by clients)."""
     device: str = "auto"
@@ -204,7 +219,9 @@ def validate(cfg: Config) -> Config:
         ("num_clients", cfg.num_clients), ("rounds", cfg.rounds), ("train.lr", cfg.train.lr),
         ("train.batch_size", cfg.train.batch_size), ("train.local_epochs", cfg.train.local_epochs),
         ("eval.every", cfg.eval.every), ("eval.batch_size", cfg.eval.batch_size),
-        ("partition.alpha", cfg.partition.alpha),
+        ("partition.alpha", cfg.partition.alpha), ("network.round_timeout", cfg.network.round_timeout),
+        ("network.heartbeat_interval", cfg.network.heartbeat_interval),
+        ("network.heartbeat_timeout", cfg.network.heartbeat_timeout),
     ]:
         _positive(key, value)
     for key, value in [
@@ -218,6 +235,12 @@ def validate(cfg: Config) -> Config:
         _positive("partition.samples_per_client", cfg.partition.samples_per_client)
     if not 0 < cfg.client_fraction <= 1:
         raise GeflError(f"config key 'client_fraction' must be in (0, 1], got {cfg.client_fraction}")
+    if cfg.network.min_clients is not None and not 1 <= cfg.network.min_clients <= cfg.num_clients:
+        raise GeflError(f"config key 'network.min_clients' must be between 1 and num_clients ({cfg.num_clients}), "
+                        f"got {cfg.network.min_clients}")
+    if cfg.network.heartbeat_timeout <= cfg.network.heartbeat_interval:
+        raise GeflError("config key 'network.heartbeat_timeout' must be longer than network.heartbeat_interval "
+                        f"({cfg.network.heartbeat_timeout} <= {cfg.network.heartbeat_interval})")
     if cfg.workers is not None and cfg.workers < 1:
         raise GeflError(f"config key 'workers' must be at least 1 (or null for one per core), got {cfg.workers}")
     return cfg

@@ -164,6 +164,14 @@ def list_datasets() -> list[str]:
     return list(_DATASETS)
 
 
+def dataset_classes(name: str) -> list[str]:
+    """A registered dataset's class names, without loading it (a client holds only its own images)."""
+    spec = _DATASETS.get(name)
+    if spec is None:
+        raise unknown_name("dataset", name, _DATASETS)
+    return list(spec.classes)
+
+
 def torchvision_cache() -> Path:
     """Where torchvision datasets live when nobody says otherwise (TORCH_HOME aware)."""
     torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
@@ -259,8 +267,24 @@ def to_tensor(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     return x.sub_(MEAN).div_(STD)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load a registered dataset, resized to 32x32 and normalised to [-1, 1]."""
+@dataclass
+class RawDataset:
+    """A dataset as distributed: uint8 images (N, C, H, W) at their original size, int64 labels.
+
+    What `load_dataset` resizes and normalises, and what `gefl data split` writes out as image
+    files (PNGs of the original pixels, not of the 32x32 training tensors).
+    """
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: list[str]
+
+
+def load_raw(name: str, data_dir: str | Path | None = None) -> RawDataset:
+    """Load a registered dataset's uint8 arrays, looked up as `load_dataset` documents."""
     spec = _DATASETS.get(name)
     if spec is None:
         raise unknown_name("dataset", name, _DATASETS)
@@ -273,12 +297,25 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         raise GeflError(f"cannot load dataset {name!r}: {exc}. {spec.how_to_get}") from exc
     if train_x.ndim != 4 or test_x.ndim != 4:
         raise GeflError(f"dataset {name!r} must load images shaped (N, C, H, W); got {train_x.shape}")
+    return RawDataset(
+        name=name,
+        train_x=train_x,
+        train_y=np.asarray(train_y).astype(np.int64),
+        test_x=test_x,
+        test_y=np.asarray(test_y).astype(np.int64),
+        classes=list(spec.classes),
+    )
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load a registered dataset, resized to 32x32 and normalised to [-1, 1]."""
+    raw = load_raw(name, data_dir)
     return Dataset(
         name=name,
-        train=Split(to_tensor(train_x), torch.tensor(np.asarray(train_y), dtype=torch.long)),
-        test=Split(to_tensor(test_x), torch.tensor(np.asarray(test_y), dtype=torch.long)),
-        classes=list(spec.classes),
-        source_size=(int(train_x.shape[-2]), int(train_x.shape[-1])),
+        train=Split(to_tensor(raw.train_x), torch.from_numpy(raw.train_y)),
+        test=Split(to_tensor(raw.test_x), torch.from_numpy(raw.test_y)),
+        classes=raw.classes,
+        source_size=(int(raw.train_x.shape[-2]), int(raw.train_x.shape[-1])),
     )
 
 

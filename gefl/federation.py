@@ -37,6 +37,11 @@ class RoundInfo:
     """Evaluate the classifiers after this round: phase round 1, every k-th and the phase's last."""
 
 
+def task_seed(seed: int, round_number: int, client_id: int) -> int:
+    """The seed of one client's work in one round: the same wherever the client runs."""
+    return int(np.random.default_rng([seed, round_number, client_id]).integers(2**31))
+
+
 class RoundError(Exception):
     """A result that does not belong to the open round (late, duplicate, not a participant)."""
 
@@ -79,15 +84,20 @@ class Federation(Generic[R]):
             start += phase.rounds
         raise RoundError(f"round {number} is past the last round {self.total_rounds}")
 
-    def sample_clients(self, number: int) -> tuple[int, ...]:
-        """Participants of round `number`: a seeded draw, so a resumed run picks the same ones."""
-        k = max(1, round(self.client_fraction * self.num_clients))
-        if k >= self.num_clients:
-            return tuple(range(self.num_clients))
+    def sample_clients(self, number: int, available: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Participants of round `number` among `available` clients (default: all): a seeded draw,
+        so a resumed run with the same clients picks the same ones."""
+        pool = sorted(available) if available is not None else list(range(self.num_clients))
+        k = max(1, round(self.client_fraction * len(pool)))
+        if k >= len(pool):
+            return tuple(pool)
         rng = np.random.default_rng([self.seed, number])
-        return tuple(sorted(rng.choice(self.num_clients, size=k, replace=False).tolist()))
+        return tuple(sorted(int(pool[i]) for i in rng.choice(len(pool), size=k, replace=False)))
 
-    def open_round(self) -> RoundInfo:
+    def open_round(self, available: Sequence[int] | None = None) -> RoundInfo:
+        """Open the next round; a networked aggregator passes the clients that are online."""
+        if available is not None and not available:
+            raise RoundError("no clients are available to take part")
         if self._open is not None:
             raise RoundError(f"round {self._open.number} is still open")
         if self.finished:
@@ -97,7 +107,8 @@ class Federation(Generic[R]):
         evaluate = phase.trains_classifiers and (
             phase_round == 1 or phase_round % self.eval_every == 0 or phase_round == phase.rounds
         )
-        self._open = RoundInfo(number, phase.name, phase_round, phase.rounds, self.sample_clients(number), evaluate)
+        self._open = RoundInfo(number, phase.name, phase_round, phase.rounds, self.sample_clients(number, available),
+                               evaluate)
         self._results = {}
         return self._open
 
@@ -111,6 +122,10 @@ class Federation(Generic[R]):
         if client_id in self._results:
             raise RoundError(f"client {client_id} already submitted for round {info.number}")
         self._results[client_id] = result
+
+    @property
+    def received(self) -> list[int]:
+        return sorted(self._results)
 
     @property
     def missing(self) -> list[int]:
@@ -134,3 +149,10 @@ class Federation(Generic[R]):
             raise RoundError("no round is open")
         self._open, self._results = None, {}
         self.completed += 1
+
+    def abandon_round(self) -> None:
+        """Drop the open round and its results without counting it (too few results for the
+        quorum): the next open_round runs the same round again from the same global state."""
+        if self._open is None:
+            raise RoundError("no round is open")
+        self._open, self._results = None, {}

@@ -56,6 +56,33 @@ class RunDir:
         (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return run
 
+    @classmethod
+    def resume_or_create(cls, path: str | Path, cfg: Config) -> RunDir:
+        """The run directory of a run that may have stopped half-way (the aggregator's state dir):
+        created if new, reopened if it holds this same config, refused if it holds another."""
+        path = Path(path)
+        saved = path / "config.yaml"
+        if not saved.is_file():
+            return cls.create(path, cfg)
+        before = yaml.safe_load(saved.read_text()) or {}
+        now = to_dict(cfg)
+        changed = sorted(_diff(before, now))
+        if changed:
+            raise GeflError(f"{path} holds a run with a different config ({', '.join(changed[:5])} differ); "
+                            "resume it with the same config, or pick a new state directory")
+        return cls(path)
+
+    def truncate_metrics(self, rounds: int) -> None:
+        """Keep the metrics of rounds 1..rounds only: a resumed run writes the later ones again."""
+        metrics = self.path / "metrics.jsonl"
+        if not metrics.exists():
+            return
+        keep = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("round", 0) <= rounds]
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, metrics)
+
     def write_json(self, name: str, data: Any) -> None:
         """Atomic: a reader never sees half a file, a crash never leaves one."""
         tmp = self.path / f".{name}.tmp"
@@ -82,3 +109,13 @@ class RunDir:
             save_file({k: v.contiguous() for k, v in state.generator.items()}, weights / "generator.safetensors",
                       metadata={**common, "family": g.family, "preset": str(g.preset),
                                 "widths": json.dumps(g.widths), "latent": json.dumps(g.latent)})
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,10 @@ from gefl.data import Dataset, Split, label_histogram, load_dataset, partition
 from gefl.device_sim import DeviceSimulation, format_device_summary, training_mflops_per_sample
 from gefl.errors import GeflError
 from gefl.executor import WorkerContext, default_workers, make_executor
-from gefl.federation import Federation, RoundInfo
+from gefl.federation import Federation, RoundInfo, task_seed
 from gefl.models import count_parameters, get_model
 from gefl.rundir import RunDir
+from gefl.scoreboard import Scoreboard, format_accuracy
 from gefl.wire import encode_state
 
 Progress = Callable[[str], None]
@@ -43,16 +43,6 @@ def _as_config(config: Config | dict | str | Path | None) -> Config:
     if isinstance(config, dict):
         return config_from_dict(config)
     return load_config(config)
-
-
-@dataclass
-class TierStats:
-    best: float = 0.0
-    final: float = 0.0
-
-
-def _task_seed(seed: int, round_number: int, client_id: int) -> int:
-    return int(np.random.default_rng([seed, round_number, client_id]).integers(2**31))
 
 
 def simulate(
@@ -111,8 +101,7 @@ def simulate(
     say(f"data: {cfg.partition.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
         f"label histograms in {run.path / 'partition.json'}")
 
-    stats = {t: TierStats() for t in tiers}
-    evaluations: list[int] = []
+    scores = Scoreboard(tiers)
     executor = make_executor(WorkerContext(algorithm, clients, test, dataset.num_classes, cfg.eval.batch_size),
                              workers, device)
     try:
@@ -153,15 +142,9 @@ def simulate(
             if devices is not None:
                 line += f"  simulated {record['simulated_s']:.1f}s" + (f", {len(late)} late" if late else "")
             if info.evaluate:
-                acc = executor.evaluate({t: encode_state(state.models[t]) for t in tiers})
-                for t, a in acc.items():
-                    stats[t].best = max(stats[t].best, a)
-                    stats[t].final = a
-                evaluations.append(info.number)
-                record["accuracy"] = acc
-                record["mean_accuracy"] = float(np.mean(list(acc.values())))
-                lo, hi = min(acc.values()), max(acc.values())
-                line += f"  acc mean {record['mean_accuracy']:.2f} (min {lo:.1f}, max {hi:.1f})"
+                record.update(scores.record(info.number, executor.evaluate(
+                    {t: encode_state(state.models[t]) for t in tiers})))
+                line += format_accuracy(record)
             record["seconds"] = time.perf_counter() - t0
             elapsed = time.perf_counter() - started
             eta = elapsed / info.number * (federation.total_rounds - info.number)
@@ -170,20 +153,7 @@ def simulate(
     finally:
         executor.close()
 
-    summary = {
-        "name": cfg.name,
-        "algorithm": cfg.algorithm,
-        "dataset": cfg.dataset,
-        "num_clients": cfg.num_clients,
-        "seed": cfg.seed,
-        "rounds": federation.total_rounds,
-        "evaluated_rounds": evaluations,
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "tiers": {t: {"best_acc": stats[t].best, "final_acc": stats[t].final, "params": params[t]} for t in tiers},
-        "mean_best_acc": float(np.mean([s.best for s in stats.values()])),
-        "mean_final_acc": float(np.mean([s.final for s in stats.values()])),
-        "run_dir": str(run.path),
-    }
+    summary = scores.summary(cfg, federation.total_rounds, time.perf_counter() - started, params, str(run.path))
     if devices is not None:
         summary["devices"] = devices.summary()
     run.save_weights(state, dataset, cfg)
@@ -236,7 +206,7 @@ def _tasks(cfg: Config, info: RoundInfo, state: GlobalState, params: dict[str, i
         tier = tier_of(c)
         if tier not in encoded:
             encoded[tier] = encode_state(state.models[tier])
-        tasks.append(ClientTask(info.number, info.phase, c, tier, _task_seed(cfg.seed, info.number, c),
+        tasks.append(ClientTask(info.number, info.phase, c, tier, task_seed(cfg.seed, info.number, c),
                                 encoded[tier], generator))
     return sorted(tasks, key=lambda t: -params[t.tier])
 

@@ -1,0 +1,473 @@
+"""The aggregator's round coordinator: who is registered and alive, which round is open, which
+uploads count, and the checkpoint after every round.
+
+It knows no transport: the gRPC servicer (and the MQTT bridge) call its methods from their own
+threads and translate its `Refused` errors into their status codes. It knows no torch either:
+what a round sends and how results are checked and combined is a `RoundLogic` (training in
+aggregator/training_logic.py, echo rounds in the transport benchmark), so the benchmark measures
+exactly the code that serves a real federation.
+
+Rounds follow gefl's Federation state machine. A round opens once `min_clients` clients are
+online, takes the online clients (sampled by client_fraction), and closes as soon as every
+participant has answered or dropped out, or at `round_timeout`. It counts with at least
+`min_clients` results (or all of its participants, if fewer were sampled); with fewer it runs
+again from the same global state. A client is offline when its heartbeat stream closes or it
+has been silent for `heartbeat_timeout`; any call brings it back for the next round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from gefl import protocol as p
+from gefl.federation import Federation, Phase, RoundError, RoundInfo, task_seed
+from gefl.protocol import ArtifactRef, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
+from gefl.wire import decode_arrays, encode_arrays, sha256
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = 1
+MAX_NAME = 128
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+Say = Callable[[str], None]
+
+
+class RoundLogic(Protocol):
+    """What a round sends, how an upload is checked, and how results are combined."""
+
+    federation: str
+    config_yaml: str
+
+    def phases(self) -> list[Phase]: ...
+
+    def choose_tier(self, request: RegisterRequest) -> tuple[str, str]:
+        """(tier, reason) for a registering client; raises GeflError if it cannot take part."""
+
+    def begin_round(self, info: RoundInfo) -> None: ...
+
+    def artifacts(self, info: RoundInfo, tier: str) -> dict[str, bytes]: ...
+
+    def upload_name(self, phase: str) -> str: ...
+
+    def upload_limit(self, info: RoundInfo, tier: str) -> int:
+        """Largest upload accepted for this tier in this round, in bytes (checked before reading it)."""
+
+    def check(self, info: RoundInfo, client_id: int, tier: str, header: UploadHeader, payload: bytes) -> Any:
+        """Decode and validate an upload; returns the result to aggregate, raises GeflError to refuse it."""
+
+    def end_round(self, info: RoundInfo, results: dict[int, Any], record: dict) -> str:
+        """Aggregate (and evaluate), complete and store the round's metrics record; returns a progress text."""
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict]: ...
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict, completed: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class Client:
+    client_id: int
+    name: str
+    tier: str
+    token_sha256: str
+    num_samples: int
+    online: bool = False
+    last_seen: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"client_id": self.client_id, "name": self.name, "tier": self.tier,
+                "token_sha256": self.token_sha256, "num_samples": self.num_samples}
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_clients: int
+    min_clients: int
+    round_timeout: float
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    client_fraction: float = 1.0
+    seed: int = 0
+    eval_every: int = 10
+    finish_grace: float = 5.0
+    """After the last round, how long to wait for online clients to hear that the run is over."""
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash at any moment leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Coordinator:
+    def __init__(self, logic: RoundLogic, settings: Settings, enrol_token: str, state_dir: Path | None,
+                 say: Say = print) -> None:
+        self.logic = logic
+        self.settings = settings
+        self._enrol_sha256 = _hash(enrol_token)
+        self.state_dir = state_dir
+        self.say = say
+        self.federation: Federation[Any] = Federation(
+            logic.phases(), settings.num_clients, settings.client_fraction, settings.seed, settings.eval_every)
+        self.clients: dict[int, Client] = {}
+        self._by_token: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._round_deadline = 0.0
+        self._artifacts: dict[str, dict[str, bytes]] = {}
+        self._refs: dict[str, tuple[ArtifactRef, ...]] = {}
+        self._told_finished: set[int] = set()
+        self._registry_dirty = False
+        self.finished = False
+        self.stopping = threading.Event()
+        self.round_started: dict[int, float] = {}
+        """Monotonic time each round number was (last) opened; the tests and benchmark read it."""
+        self.round_closed: dict[int, float] = {}
+        if state_dir is not None and (state_dir / CHECKPOINT).exists():
+            self._load_checkpoint(state_dir / CHECKPOINT)
+
+    # ------------------------------------------------------------------ called by transports
+    def register(self, enrol_token: str, request: RegisterRequest) -> Registration:
+        if not hmac.compare_digest(_hash(enrol_token), self._enrol_sha256):
+            raise Refused(p.UNAUTHENTICATED, "registration refused: wrong or missing enrolment token "
+                          "(pass the aggregator's token with --token or GEFL_TOKEN)")
+        if request.protocol_version != p.PROTOCOL_VERSION:
+            raise Refused(p.FAILED_PRECONDITION, f"protocol version {request.protocol_version} is not supported; "
+                          f"this aggregator speaks version {p.PROTOCOL_VERSION}: upgrade gefl-edge on the device")
+        name = request.name
+        if not (0 < len(name) <= MAX_NAME and _NAME.match(name)):
+            raise Refused(p.INVALID_ARGUMENT, f"client name {name[:MAX_NAME]!r} is not valid: use 1-{MAX_NAME} "
+                          "letters, digits and ._:@- (for example the hostname)")
+        if not 0 < request.num_samples <= 10**9:
+            raise Refused(p.INVALID_ARGUMENT, f"num_samples must be positive, got {request.num_samples}: "
+                          "a client without training data cannot take part")
+        try:
+            tier, reason = self.logic.choose_tier(request)
+        except Refused:
+            raise
+        except Exception as exc:  # GeflError and friends: the device cannot take part as asked
+            raise Refused(p.INVALID_ARGUMENT, f"client {name}: {exc}") from exc
+        token = secrets.token_urlsafe(32)
+        with self._cond:
+            client_id = next((c.client_id for c in self.clients.values() if c.name == name), None)
+            if client_id is None:
+                if len(self.clients) >= self.settings.num_clients:
+                    raise Refused(p.RESOURCE_EXHAUSTED, f"the federation is full: {self.settings.num_clients} "
+                                  "clients are registered (num_clients); a device that registered before gets "
+                                  "its place back by registering with the same name")
+                client_id = len(self.clients)
+                self.say(f"client {client_id} registered: {name}, {request.num_samples} samples, tier {tier} "
+                         f"({reason})")
+            else:
+                old = self.clients[client_id]
+                self._by_token.pop(old.token_sha256, None)
+                self.say(f"client {client_id} registered again: {name}, tier {tier}")
+            client = Client(client_id, name, tier, _hash(token), request.num_samples, True, time.monotonic())
+            self.clients[client_id] = client
+            self._by_token[client.token_sha256] = client_id
+            self._registry_dirty = True
+            self._cond.notify_all()
+        return Registration(client_id, token, tier, reason, self.logic.config_yaml, self.logic.federation,
+                            self.settings.heartbeat_interval)
+
+    def authenticate(self, token: str) -> Client:
+        """The client a token belongs to; marks it alive (any call is a sign of life)."""
+        client_id = self._by_token.get(_hash(token or ""))
+        if client_id is None:
+            raise Refused(p.UNAUTHENTICATED, "unknown client token: register first (the aggregator may have "
+                          "lost its state directory, in which case registering again is the fix)")
+        with self._cond:
+            client = self.clients[client_id]
+            self._seen(client)
+        return client
+
+    def _seen(self, client: Client) -> None:
+        client.last_seen = time.monotonic()
+        if not client.online:
+            client.online = True
+            self.say(f"client {client.client_id} ({client.name}) is back")
+            self._cond.notify_all()
+
+    def disconnected(self, client: Client, why: str) -> None:
+        with self._cond:
+            if client.online and not self.finished:
+                client.online = False
+                self.say(f"client {client.client_id} ({client.name}) is offline: {why}; not waiting for it")
+                self._cond.notify_all()
+
+    def heartbeat(self, client: Client) -> tuple[int, bool]:
+        with self._cond:
+            self._seen(client)
+            if self.finished:
+                self._told_finished.add(client.client_id)
+            info = self.federation.current
+            return (info.number if info else 0), self.finished
+
+    def next_task(self, client: Client, wait_s: float, alive: Callable[[], bool] = lambda: True) -> TaskInfo:
+        """The client's task in the open round, waiting up to `wait_s` for one (a long poll)."""
+        until = time.monotonic() + max(0.0, min(wait_s, 60.0))
+        with self._cond:
+            while True:
+                if self.finished:
+                    self._told_finished.add(client.client_id)
+                    self._cond.notify_all()
+                    return TaskInfo(p.FINISHED)
+                info = self.federation.current
+                if (info is not None and client.client_id in info.participants
+                        and client.client_id not in self.federation.received and client.tier in self._refs):
+                    return self._task(info, client)
+                now = time.monotonic()
+                if now >= until or self.stopping.is_set():
+                    return TaskInfo(p.WAIT)
+                if not alive():
+                    return TaskInfo(p.WAIT)
+                self._seen(client)
+                self._cond.wait(min(until - now, 0.25))
+
+    def _task(self, info: RoundInfo, client: Client) -> TaskInfo:
+        return TaskInfo(
+            p.TRAIN, info.number, info.phase, client.tier, task_seed(self.settings.seed, info.number, client.client_id),
+            self._refs[client.tier], self.logic.upload_name(info.phase),
+            self.logic.upload_limit(info, client.tier), max(0.0, self._round_deadline - time.monotonic()))
+
+    def artifact(self, client: Client, round_number: int, name: str) -> bytes:
+        with self._cond:
+            info = self.federation.current
+            if info is None or info.number != round_number:
+                raise Refused(p.FAILED_PRECONDITION, f"round {round_number} is not open "
+                              f"(the open round is {info.number if info else 'none'})")
+            if client.client_id not in info.participants:
+                raise Refused(p.FAILED_PRECONDITION, f"client {client.client_id} is not a participant of round "
+                              f"{round_number}")
+            data = self._artifacts.get(client.tier, {}).get(name)
+            if data is None:
+                raise Refused(p.NOT_FOUND, f"round {round_number} has no artifact {name!r} for tier {client.tier}")
+            return data
+
+    def check_header(self, client: Client, header: UploadHeader) -> int:
+        """Everything about an upload that can be refused before its bytes are read; returns its size limit."""
+        try:
+            return self._check_header(client, header)
+        except Refused as exc:
+            self.log_refusal(client, header.round, exc)
+            raise
+
+    def _check_header(self, client: Client, header: UploadHeader) -> int:
+        with self._cond:
+            info = self.federation.current
+            if info is None or header.round != info.number:
+                raise Refused(p.FAILED_PRECONDITION, f"round {header.round} is not open (the open round is "
+                              f"{info.number if info else 'none'}): the result came too late")
+            if client.client_id not in info.participants:
+                raise Refused(p.FAILED_PRECONDITION, f"client {client.client_id} is not a participant of round "
+                              f"{info.number}")
+            if client.client_id in self.federation.received:
+                raise Refused(p.FAILED_PRECONDITION, f"client {client.client_id} already uploaded for round "
+                              f"{info.number}")
+            if header.phase != info.phase:
+                raise Refused(p.INVALID_ARGUMENT, f"phase {header.phase!r} does not match round {info.number}'s "
+                              f"phase {info.phase!r}")
+            expected = self.logic.upload_name(info.phase)
+            if header.name != expected:
+                raise Refused(p.INVALID_ARGUMENT, f"artifact {header.name!r} is not expected: round "
+                              f"{info.number} ({info.phase}) takes {expected!r}")
+            limit = self.logic.upload_limit(info, client.tier)
+        if header.size > limit:
+            raise Refused(p.RESOURCE_EXHAUSTED, f"upload of {header.size:,} bytes exceeds the limit of "
+                          f"{limit:,} bytes for a {client.tier} {expected}")
+        if not _SHA256.match(header.sha256):
+            raise Refused(p.INVALID_ARGUMENT, "the upload's sha256 must be 64 lowercase hex digits")
+        if not 0 < header.num_samples <= client.num_samples:
+            raise Refused(p.INVALID_ARGUMENT, f"num_samples {header.num_samples} is outside 1..{client.num_samples} "
+                          "(the samples this client registered with)")
+        if not math.isfinite(header.loss):
+            raise Refused(p.INVALID_ARGUMENT, f"the reported training loss is {header.loss}: training diverged")
+        return limit
+
+    def submit(self, client: Client, header: UploadHeader, payload: bytes) -> None:
+        """Validate an upload completely and count it; a refusal leaves every global state untouched."""
+        try:
+            self._check_header(client, header)
+            if len(payload) != header.size:
+                raise Refused(p.DATA_LOSS, f"received {len(payload):,} bytes, the header announced {header.size:,}")
+            if sha256(payload) != header.sha256:
+                raise Refused(p.DATA_LOSS, "the upload's sha256 does not match its header: corrupted in transit")
+            info = self.federation.current
+            if info is None or info.number != header.round:
+                raise Refused(p.FAILED_PRECONDITION, f"round {header.round} closed while the upload was arriving")
+            try:
+                result = self.logic.check(info, client.client_id, client.tier, header, payload)
+            except Refused:
+                raise
+            except Exception as exc:
+                raise Refused(p.INVALID_ARGUMENT, str(exc)) from exc
+            with self._cond:
+                try:
+                    self.federation.submit(client.client_id, header.round, result)
+                except RoundError as exc:
+                    raise Refused(p.FAILED_PRECONDITION, str(exc)) from exc
+                self._seen(client)
+                self._cond.notify_all()
+        except Refused as exc:
+            self.log_refusal(client, header.round, exc)
+            raise
+
+    def log_refusal(self, client: Client, round_number: int, exc: Refused) -> None:
+        exc.logged = True
+        self.say(f"round {round_number}: upload from client {client.client_id} ({client.name}) refused "
+                 f"[{exc.code}]: {exc}; the global state is unchanged by it")
+
+    # ------------------------------------------------------------------ the driver
+    @property
+    def quorum(self) -> int:
+        return self.settings.min_clients
+
+    def online(self) -> list[int]:
+        with self._cond:
+            self._expire_silent()
+            return sorted(c.client_id for c in self.clients.values() if c.online)
+
+    def _expire_silent(self) -> None:
+        now = time.monotonic()
+        for client in self.clients.values():
+            if client.online and now - client.last_seen > self.settings.heartbeat_timeout:
+                client.online = False
+                self.say(f"client {client.client_id} ({client.name}) is offline: no heartbeat for "
+                         f"{now - client.last_seen:.1f} s; not waiting for it")
+
+    def run(self) -> None:
+        """Drive every remaining round; returns when the run is finished or `stopping` is set."""
+        if self.federation.completed:
+            self.say(f"resuming after round {self.federation.completed} of {self.federation.total_rounds}")
+        waiting_said = False
+        while not self.federation.finished and not self.stopping.is_set():
+            with self._cond:
+                self._expire_silent()
+                online = sorted(c.client_id for c in self.clients.values() if c.online)
+                if len(online) < self.quorum:
+                    if not waiting_said:
+                        self.say(f"waiting for clients: {len(online)} of {self.quorum} online")
+                        waiting_said = True
+                    self._save_registry_if_changed()
+                    self._cond.wait(0.2)
+                    continue
+                waiting_said = False
+                info = self.federation.open_round(online)
+            self._run_round(info)
+        if self.federation.finished:
+            self._finish()
+
+    def _run_round(self, info: RoundInfo) -> None:
+        started = time.monotonic()
+        self.logic.begin_round(info)
+        artifacts = {tier: self.logic.artifacts(info, tier)
+                     for tier in {self.clients[c].tier for c in info.participants}}
+        with self._cond:
+            self._artifacts = artifacts
+            self._refs = {tier: tuple(ArtifactRef(n, len(b), sha256(b)) for n, b in arts.items())
+                          for tier, arts in artifacts.items()}
+            self._round_deadline = started + self.settings.round_timeout
+            self.round_started[info.number] = started
+            self._cond.notify_all()
+            while not self.stopping.is_set():
+                self._expire_silent()
+                pending = [c for c in self.federation.missing if self.clients[c].online]
+                if not pending or time.monotonic() >= self._round_deadline:
+                    break
+                self._cond.wait(0.1)
+            received = self.federation.received
+            needed = min(self.quorum, len(info.participants))
+            if self.stopping.is_set() or len(received) < needed:
+                self.federation.abandon_round()
+                self._artifacts, self._refs = {}, {}
+                if not self.stopping.is_set():
+                    self.say(f"round {info.number}: {len(received)} result(s) by the deadline, the quorum is "
+                             f"{needed}: running the round again")
+                return
+            results = self.federation.close_round()
+            self._artifacts, self._refs = {}, {}
+            self.round_closed[info.number] = time.monotonic()
+        record = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
+                  "participants": list(info.participants), "contributors": sorted(results),
+                  "dropped": [c for c in info.participants if c not in results]}
+        text = self.logic.end_round(info, results, record)
+        self._save_checkpoint()
+        dropped = f", {len(record['dropped'])} dropped" if record["dropped"] else ""
+        self.say(f"[{info.phase:>9} {info.phase_round:>3}/{info.phase_rounds:<3}] round {info.number:>3}/"
+                 f"{self.federation.total_rounds}  {len(results)}/{len(info.participants)} results{dropped}{text}  "
+                 f"{time.monotonic() - started:.1f}s")
+
+    def _finish(self) -> None:
+        self.logic.finish()
+        with self._cond:
+            self.finished = True
+            self._cond.notify_all()
+            until = time.monotonic() + self.settings.finish_grace
+            while time.monotonic() < until:
+                online = {c.client_id for c in self.clients.values() if c.online}
+                if online <= self._told_finished:
+                    break
+                self._cond.wait(0.1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_registry_if_changed(self) -> None:
+        if self._registry_dirty:
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        if self.state_dir is None:
+            return
+        arrays, logic_meta = self.logic.snapshot()
+        with self._cond:
+            meta = {"format": CHECKPOINT_FORMAT, "completed": self.federation.completed,
+                    "clients": [c.to_dict() for c in self.clients.values()], "logic": logic_meta}
+            self._registry_dirty = False
+        atomic_write(self.state_dir / CHECKPOINT, encode_arrays(arrays, {"gefl": json.dumps(meta)}))
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "np") as f:
+                meta = json.loads((f.metadata() or {})["gefl"])
+        except Exception as exc:
+            raise Refused(p.DATA_LOSS, f"cannot read the checkpoint {path}: {exc}; move it away to start afresh "
+                          "(the run directory's other files stay valid)") from exc
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise Refused(p.DATA_LOSS, f"{path} has checkpoint format {meta.get('format')}, expected "
+                          f"{CHECKPOINT_FORMAT}")
+        arrays = decode_arrays(path.read_bytes())
+        self.federation.completed = int(meta["completed"])
+        for c in meta["clients"]:
+            client = Client(int(c["client_id"]), c["name"], c["tier"], c["token_sha256"], int(c["num_samples"]))
+            self.clients[client.client_id] = client
+            self._by_token[client.token_sha256] = client.client_id
+        self.logic.restore(arrays, meta["logic"], self.federation.completed)

@@ -1,0 +1,99 @@
+"""`gefl simulate --transport grpc`: a whole federation on loopback, over the real protocol.
+
+The same config as an in-process simulation, but the aggregator serves gRPC on a free loopback
+port and every client is its own `gefl client run` process reading its shard from an
+ImageFolder directory (written by `gefl data split`'s code). Clients are started one after the
+other, each once the previous one has registered, so client ids, tiers, shards and task seeds are
+the in-process run's: the two runs compute the same rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aggregator.coordinator import Coordinator
+from aggregator.grpc_server import start_server
+from aggregator.serve import build_coordinator
+from gefl.config import Config
+from gefl.errors import GeflError
+from gefl.image_folder import client_dir_name, write_split
+from gefl.rundir import RunDir
+
+REGISTER_TIMEOUT_S = 120.0
+
+
+def _client_command(port: int, data_dir: Path, tier: str, name: str) -> list[str]:
+    return [sys.executable, "-m", "gefl.cli", "client", "run", "--aggregator", f"127.0.0.1:{port}",
+            "--data-dir", str(data_dir), "--tier", tier, "--name", name, "--threads", "1", "--give-up", "60"]
+
+
+def _wait_registered(coordinator: Coordinator, count: int, process: subprocess.Popen, log: Path) -> None:
+    until = time.monotonic() + REGISTER_TIMEOUT_S
+    while len(coordinator.clients) < count:
+        if process.poll() is not None:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise GeflError(f"client process {count - 1} exited with code {process.returncode} before registering; "
+                            f"its log ({log}) ends with:\n{tail}")
+        if time.monotonic() > until:
+            raise GeflError(f"client {count - 1} did not register within {REGISTER_TIMEOUT_S:.0f} s; see {log}")
+        time.sleep(0.02)
+
+
+def simulate_over_grpc(cfg: Config, *, out: str | Path | None = None,
+                       progress: Callable[[str], None] | None = print) -> dict:
+    say = progress or (lambda _m: None)
+    RunDir.check_target(out)
+    run = RunDir.create(out, cfg)
+    token = secrets.token_urlsafe(24)
+    coordinator = build_coordinator(cfg, run.path, token, say)
+    server, port, _ = start_server(coordinator, "127.0.0.1:0")
+    logs = run.path / "clients"
+    logs.mkdir(exist_ok=True)
+    processes: list[subprocess.Popen] = []
+    driver = threading.Thread(target=coordinator.run, name="gefl-coordinator", daemon=True)
+    with tempfile.TemporaryDirectory(prefix="gefl-shards-") as shards:
+        p = cfg.partition
+        write_split(cfg.dataset, cfg.num_clients, Path(shards), kind=p.kind, samples_per_client=p.samples_per_client,
+                    alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed, data_dir=cfg.data_dir,
+                    progress=None)
+        say(f"gefl simulate --transport grpc: aggregator on 127.0.0.1:{port}, {cfg.num_clients} client processes; "
+            f"client logs in {logs}")
+        env = {**os.environ, "GEFL_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        try:
+            driver.start()
+            for c in range(cfg.num_clients):
+                name = client_dir_name(c)
+                log = logs / f"{name}.log"
+                with open(log, "w") as f:
+                    processes.append(subprocess.Popen(
+                        _client_command(port, Path(shards) / name, cfg.tier_of(c), name),
+                        stdout=f, stderr=subprocess.STDOUT, env=env))
+                _wait_registered(coordinator, c + 1, processes[-1], log)
+            while driver.is_alive():
+                driver.join(0.5)
+                if all(proc.poll() is not None for proc in processes) and not coordinator.federation.finished:
+                    coordinator.stopping.set()
+                    raise GeflError(f"every client process exited before the last round; see the logs in {logs}")
+            for proc in processes:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        finally:
+            coordinator.stopping.set()
+            for proc in processes:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            server.stop(grace=0.5).wait()
+    summary = json.loads((run.path / "summary.json").read_text())
+    return summary

@@ -1,0 +1,84 @@
+"""`gefl aggregator serve`: a federation's aggregator as a long-running gRPC service.
+
+The state directory is the run directory (`gefl simulate`'s layout) plus the checkpoint the
+coordinator rewrites after every round; started again on the same directory, the aggregator
+resumes where it stopped. Without --token it makes an enrolment token once, keeps it in the state
+directory (readable by its owner only) and prints it: there is no way to run without one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from aggregator.coordinator import Coordinator, Settings
+from aggregator.grpc_server import TlsFiles, start_server
+from aggregator.training_logic import TrainingLogic
+from gefl.config import Config
+from gefl.data import load_dataset
+from gefl.errors import GeflError
+from gefl.rundir import RunDir
+
+TOKEN_FILE = "enrolment-token"
+
+
+def settings_for(cfg: Config) -> Settings:
+    net = cfg.network
+    return Settings(num_clients=cfg.num_clients, min_clients=net.min_clients or cfg.num_clients,
+                    round_timeout=net.round_timeout, heartbeat_interval=net.heartbeat_interval,
+                    heartbeat_timeout=net.heartbeat_timeout, client_fraction=cfg.client_fraction, seed=cfg.seed,
+                    eval_every=cfg.eval.every)
+
+
+def enrolment_token(state_dir: Path, given: str | None, say: Callable[[str], None]) -> str:
+    path = state_dir / TOKEN_FILE
+    if given:
+        return given
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    say(f"enrolment token (also in {path}): {token}")
+    return token
+
+
+def build_coordinator(cfg: Config, state_dir: Path, token: str | None, say: Callable[[str], None]) -> Coordinator:
+    """The coordinator of a training federation on `state_dir`, resumed from its checkpoint if it has one."""
+    run = RunDir.resume_or_create(state_dir, cfg)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)  # the test set, for evaluation
+    logic = TrainingLogic(cfg, dataset, run, say)
+    return Coordinator(logic, settings_for(cfg), enrolment_token(run.path, token, say), run.path, say)
+
+
+def serve(cfg: Config, listen: str, state_dir: str | Path, *, tls: TlsFiles | None = None, token: str | None = None,
+          say: Callable[[str], None] = print) -> int:
+    """Serve until every round is done (or SIGTERM / Ctrl-C); returns the rounds completed."""
+    coordinator = build_coordinator(cfg, Path(state_dir), token, say)
+    server, port, health = start_server(coordinator, listen, tls)
+    host = listen.rsplit(":", 1)[0]
+    say(f"gefl aggregator: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients (quorum "
+        f"{coordinator.quorum}), {coordinator.federation.total_rounds} rounds; listening on {host}:{port} "
+        f"({'mutual TLS' if tls and tls.client_ca else 'TLS' if tls else 'no TLS'}); state in {state_dir}")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: coordinator.stopping.set())
+    try:
+        coordinator.run()
+    except KeyboardInterrupt:
+        coordinator.stopping.set()
+        raise
+    finally:
+        from grpc_health.v1 import health_pb2
+
+        for service in ("", "gefl.v1.Aggregator"):
+            health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.stop(grace=1.0).wait()
+    if not coordinator.federation.finished:
+        raise GeflError(f"stopped after round {coordinator.federation.completed}; start again with the same "
+                        f"--state-dir {state_dir} to resume")
+    return coordinator.federation.completed

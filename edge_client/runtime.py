@@ -1,0 +1,179 @@
+"""The client runtime: register, then train whatever the aggregator asks, round after round.
+
+A client keeps no state between rounds (every task brings the global weights it needs), so it can
+lose the aggregator, or be restarted itself, at any moment: it retries with exponential backoff
+and jitter while the aggregator is away, registers again if the aggregator forgot it, and picks up
+whichever round is open when it is back. Its heartbeat stream runs on a thread beside training.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from edge_client.grpc_transport import GrpcClientTransport, Unauthenticated, Unavailable
+from gefl.errors import GeflError
+from gefl.image_folder import read_image_folder
+from gefl.protocol import FINISHED, TRAIN, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
+from gefl.wire import sha256
+
+T = TypeVar("T")
+Say = Callable[[str], None]
+
+
+class Backoff:
+    """Exponential backoff with jitter: waits of base x 2^n, capped, each drawn from [d/2, d], so a
+    hundred clients that lost the aggregator at once do not all come back in the same instant."""
+
+    def __init__(self, base: float = 0.5, cap: float = 10.0, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class ClientOptions:
+    data_dir: Path
+    tier: str = "auto"
+    name: str | None = None
+    """Stable name of this device (default: the hostname); registering again under it keeps the client id."""
+    threads: int | None = None
+    poll_s: float = 10.0
+    give_up_s: float | None = None
+    """Stop when the aggregator has been unreachable this long (None: keep trying)."""
+
+
+class ClientRuntime:
+    def __init__(self, transport: GrpcClientTransport, options: ClientOptions, say: Say = print) -> None:
+        self.transport = transport
+        self.options = options
+        self.say = say
+        self.backoff = Backoff()
+        self.stop = threading.Event()
+        self.rounds_trained = 0
+        self._unreachable_since: float | None = None
+
+    # ------------------------------------------------------------------ retries
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """`call()` until it gets through; an Unavailable aggregator is waited for with backoff."""
+        while True:
+            try:
+                value = call()
+            except Unavailable as exc:
+                now = time.monotonic()
+                self._unreachable_since = self._unreachable_since or now
+                if self.options.give_up_s is not None and now - self._unreachable_since > self.options.give_up_s:
+                    raise GeflError(f"gave up: the aggregator at {self.transport.address} has been unreachable for "
+                                    f"{now - self._unreachable_since:.0f} s ({exc})") from exc
+                delay = self.backoff.next_delay()
+                self.say(f"{what}: {exc}; retrying in {delay:.1f} s")
+                time.sleep(delay)
+                continue
+            self._unreachable_since = None
+            self.backoff.reset()
+            return value
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        """Take part until the run is finished; returns the number of rounds this client trained."""
+        opts = self.options
+        images, _, _ = read_image_folder(opts.data_dir)  # fails before any network traffic if the data is bad
+        name = opts.name or socket.gethostname()
+        profile = self._profile() if opts.tier == "auto" else {}
+        request = RegisterRequest(name=name, tier=opts.tier, profile=profile, num_samples=len(images))
+        reg = self._register(request)
+        cfg, split, algorithm, num_classes = self._prepare(reg, images.shape[1])
+        heartbeat = threading.Thread(target=self._heartbeats, args=(reg,), name="gefl-heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            while True:
+                try:
+                    task = self._retrying("fetch task", lambda: self.transport.fetch_task(opts.poll_s))
+                except Unauthenticated:
+                    reg = self._register(request)
+                    continue
+                if task.status == FINISHED:
+                    self.say(f"the run is finished; this client trained {self.rounds_trained} round(s)")
+                    return self.rounds_trained
+                if task.status == TRAIN:
+                    self._train(task, reg, split, algorithm, num_classes)
+        finally:
+            self.stop.set()
+            self.transport.close()
+
+    def _profile(self) -> dict:
+        from edge_client.probe import probe
+
+        profile = probe().to_dict()
+        profile["cuda"] = bool(profile.get("cuda"))
+        return profile
+
+    def _register(self, request: RegisterRequest) -> Registration:
+        reg = self._retrying("register", lambda: self.transport.register(request))
+        self.say(f"registered with {self.transport.address} as client {reg.client_id} ({request.name}) in "
+                 f"federation {reg.federation!r}: tier {reg.tier} ({reg.tier_reason})")
+        return reg
+
+    def _prepare(self, reg: Registration, channels: int) -> tuple:
+        import torch
+
+        from gefl.algorithms import make_algorithm
+        from gefl.config import config_from_dict
+        from gefl.data import dataset_classes
+        from gefl.image_folder import load_client_split
+
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        cfg = config_from_dict(yaml.safe_load(reg.config_yaml))
+        num_classes = len(dataset_classes(cfg.dataset))
+        split = load_client_split(self.options.data_dir, num_classes, channels)
+        return cfg, split, make_algorithm(cfg), num_classes
+
+    def _heartbeats(self, reg: Registration) -> None:
+        backoff = Backoff()
+        while not self.stop.is_set():
+            try:
+                self.transport.heartbeats(reg.heartbeat_interval_s, self.stop)
+                return
+            except (Unavailable, Refused):
+                self.stop.wait(backoff.next_delay())
+
+    def _train(self, task: TaskInfo, reg: Registration, split, algorithm, num_classes: int) -> None:
+        from gefl.algorithms import ClientTask
+
+        started = time.monotonic()
+        try:
+            arts = {ref.name: self._retrying(f"download {ref.name}",
+                                             lambda r=ref: self.transport.download(task.round, r))
+                    for ref in task.artifacts}
+        except Refused as exc:
+            self.say(f"round {task.round}: {exc}")
+            return
+        client_task = ClientTask(task.round, task.phase, reg.client_id, task.tier, task.seed, arts["model"],
+                                 arts.get("generator"))
+        result = algorithm.client_step(client_task, split, num_classes)
+        header = UploadHeader(task.round, task.phase, task.upload_name, len(result.state), sha256(result.state),
+                              result.num_samples, result.loss)
+        try:
+            self._retrying("upload", lambda: self.transport.upload(header, result.state))
+        except Refused as exc:
+            self.say(f"round {task.round}: result not counted: {exc}")
+            return
+        self.rounds_trained += 1
+        self.say(f"round {task.round} ({task.phase}): trained {task.tier} on {result.num_samples} samples, "
+                 f"loss {result.loss:.4f}, {time.monotonic() - started:.1f}s")
