@@ -36,7 +36,7 @@ import numpy as np
 from gefl import protocol as p
 from gefl.federation import Federation, Phase, RoundError, RoundInfo, task_seed
 from gefl.protocol import ArtifactRef, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
-from gefl.wire import decode_arrays, encode_arrays, sha256
+from gefl.wire import arrays_digest, decode_arrays, encode_arrays, sha256
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = 1
@@ -77,7 +77,8 @@ class RoundLogic(Protocol):
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict, completed: int) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self, clients: list[dict]) -> None:
+        """Write the run's results; `clients` describes every registered client (no tokens)."""
 
 
 @dataclass
@@ -87,12 +88,13 @@ class Client:
     tier: str
     token_sha256: str
     num_samples: int
+    label_histogram: list[int]
     online: bool = False
     last_seen: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"client_id": self.client_id, "name": self.name, "tier": self.tier,
-                "token_sha256": self.token_sha256, "num_samples": self.num_samples}
+        return {"client_id": self.client_id, "name": self.name, "tier": self.tier, "token_sha256": self.token_sha256,
+                "num_samples": self.num_samples, "label_histogram": self.label_histogram}
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,10 @@ class Coordinator:
         if not 0 < request.num_samples <= 10**9:
             raise Refused(p.INVALID_ARGUMENT, f"num_samples must be positive, got {request.num_samples}: "
                           "a client without training data cannot take part")
+        histogram = request.label_histogram
+        if histogram and (len(histogram) > 100_000 or sum(histogram) != request.num_samples):
+            raise Refused(p.INVALID_ARGUMENT, f"the label histogram ({len(histogram)} classes, {sum(histogram)} "
+                          f"samples) does not add up to num_samples {request.num_samples}")
         try:
             tier, reason = self.logic.choose_tier(request)
         except Refused:
@@ -190,7 +196,8 @@ class Coordinator:
                 old = self.clients[client_id]
                 self._by_token.pop(old.token_sha256, None)
                 self.say(f"client {client_id} registered again: {name}, tier {tier}")
-            client = Client(client_id, name, tier, _hash(token), request.num_samples, True, time.monotonic())
+            client = Client(client_id, name, tier, _hash(token), request.num_samples,
+                            [int(n) for n in request.label_histogram], True, time.monotonic())
             self.clients[client_id] = client
             self._by_token[client.token_sha256] = client_id
             self._registry_dirty = True
@@ -366,7 +373,8 @@ class Coordinator:
     def run(self) -> None:
         """Drive every remaining round; returns when the run is finished or `stopping` is set."""
         if self.federation.completed:
-            self.say(f"resuming after round {self.federation.completed} of {self.federation.total_rounds}")
+            self.say(f"resuming after round {self.federation.completed} of {self.federation.total_rounds}; global "
+                     f"state sha256 {arrays_digest(self.logic.snapshot()[0])}")
         waiting_said = False
         while not self.federation.finished and not self.stopping.is_set():
             with self._cond:
@@ -426,7 +434,11 @@ class Coordinator:
                  f"{time.monotonic() - started:.1f}s")
 
     def _finish(self) -> None:
-        self.logic.finish()
+        with self._cond:
+            clients = [{"client": c.client_id, "name": c.name, "tier": c.tier, "num_samples": c.num_samples,
+                        "label_histogram": c.label_histogram} for c in sorted(self.clients.values(),
+                                                                              key=lambda c: c.client_id)]
+        self.logic.finish(clients)
         with self._cond:
             self.finished = True
             self._cond.notify_all()
@@ -467,7 +479,8 @@ class Coordinator:
         arrays = decode_arrays(path.read_bytes())
         self.federation.completed = int(meta["completed"])
         for c in meta["clients"]:
-            client = Client(int(c["client_id"]), c["name"], c["tier"], c["token_sha256"], int(c["num_samples"]))
+            client = Client(int(c["client_id"]), c["name"], c["tier"], c["token_sha256"], int(c["num_samples"]),
+                            list(c["label_histogram"]))
             self.clients[client.client_id] = client
             self._by_token[client.token_sha256] = client.client_id
         self.logic.restore(arrays, meta["logic"], self.federation.completed)

@@ -144,7 +144,7 @@ class TrainingLogic:
         self.started = time.monotonic()
         self.run.truncate_metrics(completed)
 
-    def finish(self) -> None:
+    def finish(self, clients: list[dict]) -> None:
         tiers = [t for t in self.tiers if t in self.used_tiers] or self.tiers
         self.scores.tiers = tiers
         rounds = sum(p.rounds for p in self.phases())
@@ -153,6 +153,7 @@ class TrainingLogic:
         summary["transport"] = "network"
         self.run.save_weights(GlobalState({t: self.state.models[t] for t in tiers}, self.state.generator),
                               self.dataset, self.cfg)
+        self.run.write_json("partition.json", clients)
         self.run.write_json("summary.json", summary)
         from gefl.simulation import format_summary
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import yaml
 
 from edge_client.grpc_transport import GrpcClientTransport, Unauthenticated, Unavailable
@@ -92,10 +93,12 @@ class ClientRuntime:
     def run(self) -> int:
         """Take part until the run is finished; returns the number of rounds this client trained."""
         opts = self.options
-        images, _, _ = read_image_folder(opts.data_dir)  # fails before any network traffic if the data is bad
+        images, labels, classes = read_image_folder(opts.data_dir)  # bad data fails before any network traffic
         name = opts.name or socket.gethostname()
         profile = self._profile() if opts.tier == "auto" else {}
-        request = RegisterRequest(name=name, tier=opts.tier, profile=profile, num_samples=len(images))
+        histogram = np.bincount(labels, minlength=len(classes)).tolist()
+        request = RegisterRequest(name=name, tier=opts.tier, profile=profile, num_samples=len(images),
+                                  label_histogram=tuple(histogram))
         reg = self._register(request)
         cfg, split, algorithm, num_classes = self._prepare(reg, images.shape[1])
         heartbeat = threading.Thread(target=self._heartbeats, args=(reg,), name="gefl-heartbeat", daemon=True)

@@ -55,6 +55,16 @@ def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and values, in name order: equal exactly when the arrays are."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[memoryview]:
     """`data` in consecutive slices of at most `size` bytes (one empty slice for empty data)."""
     view = memoryview(data)

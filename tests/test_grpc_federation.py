@@ -1,0 +1,180 @@
+"""Networked federations with real processes on loopback: `gefl client run` clients that are
+killed, frozen and restarted, an aggregator killed with SIGKILL and resumed, and the grpc
+simulation against the in-process one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aggregator.grpc_server import start_server
+from aggregator.serve import build_coordinator
+from gefl import simulate
+from gefl.config import config_from_dict
+from gefl.image_folder import write_split
+from gefl.wire import arrays_digest, decode_arrays
+
+from netutil import TOKEN, Process, free_port, wait_for
+
+SHORT = {"num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2, "partition": {"samples_per_client": 200},
+         "train": {"local_epochs": 1}, "eval": {"every": 1},
+         "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "clients"
+    write_split("fashion-mnist", 3, out, samples_per_client=600, seed=0, progress=None)
+    return out
+
+
+def _client(address: str, data: Path, name: str, tier: str = "cnn2", token: str = TOKEN) -> Process:
+    return Process(["client", "run", "--aggregator", address, "--data-dir", str(data), "--tier", tier,
+                    "--name", name, "--threads", "1", "--give-up", "60"], env={"GEFL_TOKEN": token})
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp_path):
+    local = simulate(SHORT, out=tmp_path / "local", progress=None)
+    from aggregator.local_federation import simulate_over_grpc
+
+    remote = simulate_over_grpc(config_from_dict(SHORT), out=tmp_path / "grpc", progress=None)
+    assert abs(remote["mean_best_acc"] - local["mean_best_acc"]) <= 0.5
+    # Same ids, shards, seeds and summation order: the rounds are the same computation.
+    losses = [m["loss"] for m in _metrics(tmp_path / "local")]
+    assert [m["loss"] for m in _metrics(tmp_path / "grpc")] == pytest.approx(losses, rel=1e-5)
+    best = {t: s["best_acc"] for t, s in local["tiers"].items()}
+    assert {t: s["best_acc"] for t, s in remote["tiers"].items()} == best
+    assert [c["num_samples"] for c in json.loads((tmp_path / "grpc" / "partition.json").read_text())] == [200] * 3
+
+
+def test_dead_and_frozen_clients_never_stall_a_round_and_come_back(tmp_path, shards):
+    cfg = config_from_dict({"algorithm": "fedavg", "num_clients": 3, "tiers": ["cnn2"], "rounds": 40,
+                            "train": {"local_epochs": 5}, "eval": {"every": 100},
+                            "network": {"min_clients": 1, "round_timeout": 60}})
+    log: list[tuple[float, str]] = []
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, lambda m: log.append((time.monotonic(), m)))
+    server, port, _ = start_server(coordinator, "127.0.0.1:0")
+    driver = threading.Thread(target=coordinator.run, daemon=True)
+    address = f"127.0.0.1:{port}"
+    clients = [_client(address, shards / f"client-00{i}", f"board-{i}") for i in range(3)]
+    try:
+        wait_for(lambda: len(coordinator.clients) == 3, 60, "three registrations")
+        driver.start()
+        ids = {c.name: c.client_id for c in coordinator.clients.values()}  # in order of registration
+        dead, frozen = ids["board-2"], ids["board-1"]
+
+        def round_open(n: int) -> bool:
+            return n in coordinator.round_started
+
+        # kill -9 client 2 as round 2 opens: the round closes on the other two, within seconds.
+        wait_for(lambda: round_open(2), 60, "round 2")
+        killed_at = time.monotonic()
+        clients[2].proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: 2 in coordinator.round_closed, 10, "round 2 to close without the dead client")
+        assert coordinator.round_closed[2] - killed_at < 5.0
+        assert _metrics(tmp_path / "state")[1]["dropped"] == [dead]
+        assert any(f"client {dead} (board-2) is offline" in m for _, m in log)
+
+        # Restarted under the same name, it gets its id back and trains again in a later round.
+        clients[2] = _client(address, shards / "client-002", "board-2")
+        wait_for(lambda: any(dead in m["contributors"] for m in _metrics(tmp_path / "state")[2:]), 90,
+                 "the restarted client to contribute")
+        assert len(coordinator.clients) == 3
+
+        # Freeze client 1 (SIGSTOP: its connection stays open, its heartbeats stop) while it trains a round.
+        frozen_round = max(coordinator.round_started) + 1
+        wait_for(lambda: round_open(frozen_round), 60, f"round {frozen_round}")
+        time.sleep(0.3)  # it has its task by now and trains for a second or more
+        clients[1].proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_for(lambda: frozen_round in coordinator.round_closed, 15, "the round to close without the frozen client")
+        assert coordinator.round_closed[frozen_round] - stopped_at < 5.0
+        record = next(m for m in _metrics(tmp_path / "state") if m["round"] == frozen_round)
+        assert record["dropped"] == [frozen]
+        assert any(f"client {frozen} (board-1) is offline: no heartbeat" in m for _, m in log)
+
+        # Thawed, it finishes training and uploads for a round that has closed: refused by round id.
+        clients[1].proc.send_signal(signal.SIGCONT)
+        clients[1].wait_line(f"round {frozen_round}: result not counted", 30)
+        assert any(f"round {frozen_round}: upload from client {frozen}" in m and "too late" in m for _, m in log)
+        wait_for(lambda: any(frozen in m["contributors"] for m in _metrics(tmp_path / "state")
+                             if m["round"] > frozen_round), 60, "the thawed client to contribute again")
+    finally:
+        coordinator.stopping.set()
+        driver.join(10)
+        server.stop(grace=None).wait()
+        for c in clients:
+            c.kill()
+
+
+def test_aggregator_killed_with_sigkill_resumes_with_the_same_weights_and_loses_nothing(tmp_path, shards):
+    port = free_port()
+    state = tmp_path / "state"
+    config = tmp_path / "config.yaml"
+    config.write_text("algorithm: fedavg\nnum_clients: 2\ntiers: [cnn2, cnn3]\nrounds: 8\n"
+                      "train: {local_epochs: 1}\neval: {every: 2}\nnetwork: {round_timeout: 60}\n")
+    serve = ["aggregator", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}", "--state-dir",
+             str(state), "--token", TOKEN]
+    aggregator = Process(serve)
+    address = f"127.0.0.1:{port}"
+    clients = [_client(address, shards / f"client-00{i}", f"board-{i}", tier) for i, tier in
+               enumerate(["cnn2", "cnn3"])]
+    restarted = None
+    try:
+        wait_for(lambda: len(_metrics(state)) >= 3, 120, "three rounds")
+        aggregator.proc.send_signal(signal.SIGKILL)
+        aggregator.wait(10)
+        checkpoint = decode_arrays((state / "checkpoint.safetensors").read_bytes())
+        digest = arrays_digest(checkpoint)
+        from safetensors import safe_open
+
+        with safe_open(state / "checkpoint.safetensors", "np") as f:
+            completed = json.loads(f.metadata()["gefl"])["completed"]
+        assert completed >= 3
+
+        time.sleep(1.0)  # the clients notice and back off
+        restarted = Process(serve)
+        line = restarted.wait_line("resuming after round", 60)
+        assert f"resuming after round {completed} of 8" in line
+        assert digest in line  # the global weights are exactly those checkpointed before the kill
+        assert restarted.wait(180) == 0, restarted.output
+        for client in clients:
+            assert client.wait(60) == 0, client.output
+            assert "the run is finished" in client.output
+        rounds = [m["round"] for m in _metrics(state)]
+        assert rounds == list(range(1, 9))  # every round once: none lost, none counted twice
+        assert all(len(m["contributors"]) == 2 for m in _metrics(state))
+        summary = json.loads((state / "summary.json").read_text())
+        assert summary["rounds"] == 8 and set(summary["tiers"]) == {"cnn2", "cnn3"}
+        assert summary["mean_best_acc"] > 50
+        assert (state / "weights" / "cnn3.safetensors").is_file()
+    finally:
+        for p in [aggregator, restarted, *clients]:
+            if p is not None:
+                p.kill()
+
+
+def test_client_with_a_wrong_token_stops_with_a_clear_error(tmp_path, shards):
+    cfg = config_from_dict({"algorithm": "fedavg", "num_clients": 1, "tiers": ["cnn2"], "rounds": 1})
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, lambda m: None)
+    server, port, _ = start_server(coordinator, "127.0.0.1:0")
+    try:
+        client = _client(f"127.0.0.1:{port}", shards / "client-000", "intruder", token="wrong")
+        assert client.wait(60) == 2
+        assert "wrong or missing enrolment token" in client.output
+        assert not coordinator.clients
+    finally:
+        server.stop(grace=None).wait()
+    missing = Process(["client", "run", "--aggregator", "127.0.0.1:1", "--data-dir", str(shards / "client-000")],
+                      env={"GEFL_TOKEN": ""})
+    assert missing.wait(30) == 2 and "enrolment token is needed" in missing.output

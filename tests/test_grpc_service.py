@@ -1,0 +1,209 @@
+"""The gRPC service against a real server on loopback: the contract, every refused upload, tokens,
+TLS and mutual TLS, the health service. The aggregator runs in this process (a real grpc server on
+a free port); clients talk to it through the real client transport."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aggregator.grpc_server import TlsFiles, start_server
+from aggregator.serve import build_coordinator
+from edge_client.grpc_transport import GrpcClientTransport, Unauthenticated, Unavailable
+from gefl.config import config_from_dict
+from gefl.protocol import TRAIN, Refused, RegisterRequest, UploadHeader
+from gefl.wire import decode_arrays, encode_arrays, encode_state, sha256
+
+from netutil import TOKEN, make_certs
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn2"], "rounds": 2,
+          "partition": {"samples_per_client": 100}, "network": {"min_clients": 1, "round_timeout": 120}}
+
+
+class Aggregator:
+    """A training aggregator on a free loopback port, its coordinator driving rounds on a thread."""
+
+    def __init__(self, state_dir: Path, tls: TlsFiles | None = None, config: dict | None = None) -> None:
+        self.log: list[str] = []
+        self.coordinator = build_coordinator(config_from_dict(config or CONFIG), state_dir, TOKEN, self.log.append)
+        self.server, self.port, _ = start_server(self.coordinator, "127.0.0.1:0", tls)
+        self.thread = threading.Thread(target=self.coordinator.run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def state_bytes(self) -> bytes:
+        return encode_state(self.coordinator.logic.state.models["cnn2"])
+
+    def stop(self) -> None:
+        self.coordinator.stopping.set()
+        self.thread.join(10)
+        self.server.stop(grace=None).wait()
+
+
+@pytest.fixture
+def aggregator(tmp_path):
+    agg = Aggregator(tmp_path / "state")
+    yield agg
+    agg.stop()
+
+
+def _register(transport: GrpcClientTransport, name: str = "board-1") -> None:
+    transport.register(RegisterRequest(name=name, tier="cnn2", num_samples=100, label_histogram=(10,) * 10))
+
+
+def _header(task, payload: bytes, **changes) -> UploadHeader:
+    fields = dict(round=task.round, phase=task.phase, name=task.upload_name, size=len(payload),
+                  sha256=sha256(payload), num_samples=100, loss=0.5)
+    fields.update(changes)
+    return UploadHeader(**fields)
+
+
+def test_committed_stubs_are_what_the_proto_generates(tmp_path):
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    gen_protos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_protos)
+    fresh = gen_protos.generate(tmp_path)
+    assert [p.name for p in fresh] == ["gefl_v1_pb2.py", "gefl_v1_pb2.pyi", "gefl_v1_pb2_grpc.py"]
+    for path in fresh:
+        committed = ROOT / "protos" / path.name
+        assert committed.read_text() == path.read_text(), (
+            f"protos/{path.name} is stale: run `python scripts/gen_protos.py` and commit the result")
+
+
+def test_health_service_reports_serving(aggregator):
+    with grpc.insecure_channel(aggregator.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "gefl.v1.Aggregator"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_every_bad_upload_is_refused_with_its_reason_and_leaves_the_global_model_alone(aggregator):
+    client = GrpcClientTransport(aggregator.address, TOKEN)
+    _register(client)
+    task = client.fetch_task(wait_s=20)
+    assert task.status == TRAIN and task.round == 1 and task.upload_name == "model"
+    model = client.download(task.round, next(a for a in task.artifacts if a.name == "model"))
+    before = aggregator.state_bytes()
+    good = decode_arrays(model)
+
+    def tensors(**changes: np.ndarray | None) -> bytes:
+        arrays = {k: v.copy() for k, v in good.items()}
+        for key, value in changes.items():
+            key = key.replace("__", ".")
+            if value is None:
+                del arrays[key]
+            else:
+                arrays[key] = value
+        return encode_arrays(arrays)
+
+    weight, key = "head__fc__weight", "head.fc.weight"
+    nan = good[key].copy()
+    nan[0, 0] = math.nan
+    cases = [
+        ("late round", lambda: (model, _header(task, model, round=task.round + 5)), "FAILED_PRECONDITION",
+         "not open"),
+        ("wrong phase", lambda: (model, _header(task, model, phase="head")), "INVALID_ARGUMENT", "phase"),
+        ("wrong artifact", lambda: (model, _header(task, model, name="generator")), "INVALID_ARGUMENT", "artifact"),
+        ("oversized", lambda: (model, _header(task, model, size=task.max_upload_bytes + 1)), "RESOURCE_EXHAUSTED",
+         "exceeds the limit"),
+        ("longer than announced", lambda: (model + b"x" * 10, _header(task, model)), "RESOURCE_EXHAUSTED",
+         "goes past"),
+        ("shorter than announced", lambda: (model[:-10], _header(task, model)), "DATA_LOSS", "announced"),
+        ("checksum", lambda: (model, _header(task, model, sha256="0" * 64)), "DATA_LOSS", "sha256"),
+        ("garbage", lambda: (b"\x00garbage" * 50, _header(task, b"\x00garbage" * 50)), "INVALID_ARGUMENT",
+         "cannot decode"),
+        ("wrong shape", lambda: (p := tensors(**{weight: np.zeros((3, 3), np.float32)}), _header(task, p)),
+         "INVALID_ARGUMENT", "expected"),
+        ("wrong dtype", lambda: (p := tensors(**{weight: good[key].astype(np.float64)}), _header(task, p)),
+         "INVALID_ARGUMENT", "float64"),
+        ("missing entry", lambda: (p := tensors(**{weight: None}), _header(task, p)), "INVALID_ARGUMENT", "differ"),
+        ("NaN weights", lambda: (p := tensors(**{weight: nan}), _header(task, p)), "INVALID_ARGUMENT", "NaN"),
+        ("NaN loss", lambda: (model, _header(task, model, loss=math.nan)), "INVALID_ARGUMENT", "loss"),
+        ("inflated sample count", lambda: (model, _header(task, model, num_samples=10**6)), "INVALID_ARGUMENT",
+         "num_samples"),
+    ]
+    for what, make, code, phrase in cases:
+        payload, header = make()
+        with pytest.raises(Refused) as refused:
+            client.upload(header, payload)
+        assert refused.value.code == code, (what, refused.value)
+        assert phrase in str(refused.value), (what, refused.value)
+        assert aggregator.state_bytes() == before, what
+    assert len([line for line in aggregator.log if "refused" in line]) == len(cases)
+
+    # A token that is not the client's is refused on every call.
+    stranger = GrpcClientTransport(aggregator.address, TOKEN)
+    stranger.token = "forged"
+    with pytest.raises(Unauthenticated):
+        stranger.fetch_task(wait_s=0)
+    with pytest.raises(Unauthenticated):
+        stranger.upload(_header(task, model), model)
+    with pytest.raises(Unauthenticated):
+        stranger.download(task.round, task.artifacts[0])
+
+    # The round still counts exactly one result: the client's genuine one. Sending back the weights
+    # unchanged means the aggregate must equal the model before the round, bit for bit.
+    client.upload(_header(task, model), model)
+    with pytest.raises(Refused) as again:
+        client.upload(_header(task, model), model)
+    assert again.value.code == "FAILED_PRECONDITION"
+    nxt = client.fetch_task(wait_s=20)
+    assert nxt.round == 2
+    assert aggregator.state_bytes() == before
+    client.close()
+
+
+def test_registration_needs_the_enrolment_token_and_a_known_tier(aggregator):
+    wrong = GrpcClientTransport(aggregator.address, "not-the-token")
+    with pytest.raises(Unauthenticated, match="enrolment token"):
+        _register(wrong)
+    client = GrpcClientTransport(aggregator.address, TOKEN)
+    with pytest.raises(Refused, match="not offered by this federation") as refused:
+        client.register(RegisterRequest(name="b", tier="resnet18", num_samples=10))
+    assert refused.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(Refused, match="needs the device's measured profile"):
+        client.register(RegisterRequest(name="b", tier="auto", num_samples=10))
+    with pytest.raises(Refused, match="add up"):
+        client.register(RegisterRequest(name="b", tier="cnn2", num_samples=10, label_histogram=(3, 3)))
+    # Registering again under the same name keeps the client id; a third name finds the federation full.
+    _register(client, "a")
+    first = client.token
+    _register(client, "a")
+    assert client.token != first and len(aggregator.coordinator.clients) == 1
+    _register(client, "b")
+    with pytest.raises(Refused, match="federation is full"):
+        _register(client, "c")
+
+
+def test_tls_and_mutual_tls(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    tls = Aggregator(tmp_path / "tls", TlsFiles(certs["server"], certs["server-key"]))
+    try:
+        _register(GrpcClientTransport(tls.address, TOKEN, ca=certs["ca"]), "tls-ok")
+        with pytest.raises(Unavailable):  # plaintext against TLS: no connection at all
+            _register(GrpcClientTransport(tls.address, TOKEN), "plain")
+        with pytest.raises(Unavailable):  # a server certificate the client's CA did not sign
+            _register(GrpcClientTransport(tls.address, TOKEN, ca=certs["other-ca"]), "wrong-ca")
+    finally:
+        tls.stop()
+    mtls = Aggregator(tmp_path / "mtls", TlsFiles(certs["server"], certs["server-key"], certs["ca"]))
+    try:
+        _register(GrpcClientTransport(mtls.address, TOKEN, ca=certs["ca"], cert=certs["client"],
+                                      key=certs["client-key"]), "mtls-ok")
+        with pytest.raises(Unavailable):  # no client certificate: the handshake fails
+            _register(GrpcClientTransport(mtls.address, TOKEN, ca=certs["ca"]), "no-cert")
+        assert len(mtls.coordinator.clients) == 1
+    finally:
+        mtls.stop()
