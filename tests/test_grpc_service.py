@@ -4,6 +4,7 @@ a free port); clients talk to it through the real client transport."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import threading
@@ -21,7 +22,7 @@ from gefl.config import config_from_dict
 from gefl.protocol import TRAIN, Refused, RegisterRequest, UploadHeader
 from gefl.wire import decode_arrays, encode_arrays, encode_state, sha256
 
-from netutil import TOKEN, make_certs
+from netutil import TOKEN, make_certs, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn2"], "rounds": 2,
@@ -31,12 +32,14 @@ CONFIG = {"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn2"], "rounds": 
 class Aggregator:
     """A training aggregator on a free loopback port, its coordinator driving rounds on a thread."""
 
-    def __init__(self, state_dir: Path, tls: TlsFiles | None = None, config: dict | None = None) -> None:
+    def __init__(self, state_dir: Path, tls: TlsFiles | None = None, config: dict | None = None,
+                 start: bool = True) -> None:
         self.log: list[str] = []
         self.coordinator = build_coordinator(config_from_dict(config or CONFIG), state_dir, TOKEN, self.log.append)
         self.server, self.port, _ = start_server(self.coordinator, "127.0.0.1:0", tls)
         self.thread = threading.Thread(target=self.coordinator.run, daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     @property
     def address(self) -> str:
@@ -47,7 +50,8 @@ class Aggregator:
 
     def stop(self) -> None:
         self.coordinator.stopping.set()
-        self.thread.join(10)
+        if self.thread.is_alive():
+            self.thread.join(10)
         self.server.stop(grace=None).wait()
 
 
@@ -207,3 +211,99 @@ def test_tls_and_mutual_tls(tmp_path):
         assert len(mtls.coordinator.clients) == 1
     finally:
         mtls.stop()
+
+
+def _heartbeating(transport: GrpcClientTransport) -> threading.Event:
+    """Keep a client alive (heartbeats on a thread) without it ever uploading: a slow device."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        with contextlib.suppress(Unavailable):  # the test's aggregator stopped first
+            transport.heartbeats(0.2, stop)
+
+    threading.Thread(target=beat, daemon=True).start()
+    return stop
+
+
+def test_a_slow_client_is_left_out_at_the_deadline_and_too_few_results_rerun_the_round(tmp_path):
+    net = {"round_timeout": 1.5, "heartbeat_interval": 0.2, "heartbeat_timeout": 1.0}
+    agg = Aggregator(tmp_path / "timeout", config={**CONFIG, "network": {**net, "min_clients": 1}}, start=False)
+    try:
+        fast, slow = GrpcClientTransport(agg.address, TOKEN), GrpcClientTransport(agg.address, TOKEN)
+        _register(fast, "fast")
+        _register(slow, "slow")
+        stop = _heartbeating(slow)
+        agg.thread.start()  # both are registered: round 1 takes both
+        task = fast.fetch_task(wait_s=20)
+        assert agg.coordinator.federation.current.participants == (0, 1)
+        model = fast.download(task.round, task.artifacts[0])
+        fast.upload(_header(task, model), model)
+        wait_for(lambda: 1 in agg.coordinator.round_closed, 10, "round 1 to close at its deadline")
+        took = agg.coordinator.round_closed[1] - agg.coordinator.round_started[1]
+        assert 1.4 <= took < 3.0
+        wait_for(lambda: any("1/2 results, 1 dropped" in line for line in agg.log), 10, "the round's line")
+        stop.set()
+    finally:
+        agg.stop()
+
+    agg = Aggregator(tmp_path / "quorum", config={**CONFIG, "network": {**net, "min_clients": 2}})
+    try:
+        a, b = GrpcClientTransport(agg.address, TOKEN), GrpcClientTransport(agg.address, TOKEN)
+        _register(a, "a")
+        _register(b, "b")
+        stop = _heartbeating(b)
+        task = a.fetch_task(wait_s=20)
+        model = a.download(task.round, task.artifacts[0])
+        a.upload(_header(task, model), model)
+        wait_for(lambda: any("running the round again" in line for line in agg.log), 10, "the quorum to fail")
+        assert agg.coordinator.federation.completed == 0
+        # The same round, from the same global state, with both results this time.
+        for client in (a, b):
+            again = client.fetch_task(wait_s=20)
+            assert again.round == 1
+            weights = client.download(again.round, again.artifacts[0])
+            assert weights == model
+            client.upload(_header(again, weights), weights)
+        wait_for(lambda: 1 in agg.coordinator.round_closed, 10, "round 1 to close with the quorum")
+        stop.set()
+    finally:
+        agg.stop()
+
+
+def test_auto_tier_is_chosen_by_the_device_policy_from_the_profile(tmp_path):
+    config = {**CONFIG, "tiers": ["cnn2", "cnn5b", "resnet18"]}
+    agg = Aggregator(tmp_path / "auto", config=config)
+    try:
+        client = GrpcClientTransport(agg.address, TOKEN)
+        pi = {"arch": "aarch64", "cpu_count": 4, "memory_total_bytes": 4 << 30, "memory_available_bytes": 3 << 30,
+              "board": "Raspberry Pi 4 Model B", "board_family": "raspberry-pi", "cuda": False,
+              "train_samples_per_s": 400.0}
+        small = client.register(RegisterRequest(name="pi", tier="auto", profile=pi, num_samples=600))
+        big = client.register(RegisterRequest(name="desk", tier="auto", num_samples=600, profile={
+            **pi, "memory_available_bytes": 20 << 30, "train_samples_per_s": 60_000.0}))
+        assert small.tier in config["tiers"] and big.tier in config["tiers"]
+        sizes = {t: i for i, t in enumerate(config["tiers"])}
+        assert sizes[big.tier] > sizes[small.tier], (small, big)
+        assert small.tier_reason and big.tier_reason
+    finally:
+        agg.stop()
+
+
+def test_a_corrupt_checkpoint_or_another_config_in_the_state_dir_is_refused_by_name(tmp_path):
+    from gefl.errors import GeflError
+
+    state = tmp_path / "state"
+    agg = Aggregator(state)
+    client = GrpcClientTransport(agg.address, TOKEN)
+    _register(client)
+    wait_for(lambda: (state / "checkpoint.safetensors").exists(), 10, "the registry checkpoint")
+    agg.stop()
+    good = (state / "checkpoint.safetensors").read_bytes()
+    (state / "checkpoint.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(GeflError, match="cannot read the checkpoint"):
+        build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+    (state / "checkpoint.safetensors").write_bytes(good)
+    with pytest.raises(GeflError, match=r"different config \(rounds differ\)"):
+        build_coordinator(config_from_dict({**CONFIG, "rounds": 3}), state, TOKEN, lambda m: None)
+    resumed = build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+    assert [c.name for c in resumed.clients.values()] == ["board-1"]
