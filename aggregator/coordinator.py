@@ -147,6 +147,7 @@ class Coordinator:
         self._artifacts: dict[str, dict[str, bytes]] = {}
         self._refs: dict[str, tuple[ArtifactRef, ...]] = {}
         self._told_finished: set[int] = set()
+        self._offline_hooks: dict[int, list[Callable[[], Any]]] = {}
         self._registry_dirty = False
         self.finished = False
         self.stopping = threading.Event()
@@ -222,6 +223,19 @@ class Coordinator:
             client.online = True
             self.say(f"client {client.client_id} ({client.name}) is back")
             self._cond.notify_all()
+
+    def on_offline(self, client: Client, hook: Callable[[], Any]) -> Callable[[], None]:
+        """Call `hook` when `client` is counted offline; returns the function that removes it."""
+        with self._cond:
+            self._offline_hooks.setdefault(client.client_id, []).append(hook)
+
+        def remove() -> None:
+            with self._cond:
+                hooks = self._offline_hooks.get(client.client_id, [])
+                if hook in hooks:
+                    hooks.remove(hook)
+
+        return remove
 
     def disconnected(self, client: Client, why: str) -> None:
         with self._cond:
@@ -369,6 +383,8 @@ class Coordinator:
                 client.online = False
                 self.say(f"client {client.client_id} ({client.name}) is offline: no heartbeat for "
                          f"{now - client.last_seen:.1f} s; not waiting for it")
+                for hook in self._offline_hooks.get(client.client_id, []):
+                    hook()
 
     def run(self) -> None:
         """Drive every remaining round; returns when the run is finished or `stopping` is set."""
@@ -398,10 +414,10 @@ class Coordinator:
         self.logic.begin_round(info)
         artifacts = {tier: self.logic.artifacts(info, tier)
                      for tier in {self.clients[c].tier for c in info.participants}}
+        refs = {tier: tuple(ArtifactRef(n, len(b), sha256(b)) for n, b in arts.items())
+                for tier, arts in artifacts.items()}  # hashed before taking the lock every call needs
         with self._cond:
-            self._artifacts = artifacts
-            self._refs = {tier: tuple(ArtifactRef(n, len(b), sha256(b)) for n, b in arts.items())
-                          for tier, arts in artifacts.items()}
+            self._artifacts, self._refs = artifacts, refs
             self._round_deadline = started + self.settings.round_timeout
             self.round_started[info.number] = started
             self._cond.notify_all()

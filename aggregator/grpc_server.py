@@ -8,7 +8,6 @@ The standard gRPC health service runs beside it (SERVING while rounds are served
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -20,15 +19,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aggregator.coordinator import Client, Coordinator
 from gefl.errors import GeflError
 from gefl.protocol import Refused, RegisterRequest, UploadHeader
-from gefl.wire import CHUNK_BYTES, chunks
+from gefl.wire import chunks
+from protos import KEEPALIVE, MAX_MESSAGE
 from protos import gefl_v1_pb2 as pb
 from protos import gefl_v1_pb2_grpc as pb_grpc
 
 SERVICE = "gefl.v1.Aggregator"
-MAX_MESSAGE = CHUNK_BYTES + (1 << 16)
-"""One chunk plus its envelope: nothing larger is ever sent, so nothing larger is accepted."""
-
-log = logging.getLogger("gefl.aggregator")
 
 _STATUS = {
     "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
@@ -121,20 +117,28 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         return pb.UploadReply(message=f"round {header.round}: {header.name} accepted")
 
     @staticmethod
-    def _receive(request_iterator: Iterator[pb.UploadMessage], header: UploadHeader, limit: int) -> bytes:
-        payload = bytearray()
+    def _receive(request_iterator: Iterator[pb.UploadMessage], header: UploadHeader, limit: int) -> bytearray:
+        """The upload's bytes, written into one buffer of the announced size (already checked against
+        the limit), so an upload costs its size in memory once, not once per copy."""
+        payload = bytearray(header.size)
+        received = 0
         for expected_index, message in enumerate(request_iterator):
             if message.WhichOneof("item") != "chunk" or message.chunk.index != expected_index:
                 raise Refused("INVALID_ARGUMENT", f"upload chunk {expected_index} is missing or out of order")
-            payload += message.chunk.data
-            if len(payload) > min(limit, header.size):
+            end = received + len(message.chunk.data)
+            if end > header.size:
                 raise Refused("RESOURCE_EXHAUSTED", f"the upload goes past its announced {header.size:,} bytes "
                               f"(limit {limit:,})")
-        return bytes(payload)
+            payload[received:end] = message.chunk.data
+            received = end
+        return payload if received == header.size else payload[:received]
 
     def Heartbeat(self, request_iterator: Iterator[pb.HeartbeatRequest],
                   context: grpc.ServicerContext) -> Iterator[pb.HeartbeatReply]:
         client = self._client(context)
+        # Marked offline (silent too long), the client's stream is cancelled so this thread is freed
+        # at once, not when TCP eventually notices that a frozen or vanished device is gone.
+        unwatch = self.coordinator.on_offline(client, context.cancel)
         try:
             for _ in request_iterator:
                 open_round, finished = self.coordinator.heartbeat(client)
@@ -144,6 +148,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except grpc.RpcError:
             pass
         finally:
+            unwatch()
             if not context.is_active() or not self.coordinator.finished:
                 self.coordinator.disconnected(client, "its heartbeat stream closed")
 
@@ -174,7 +179,7 @@ def start_server(coordinator: Coordinator, listen: str, tls: TlsFiles | None = N
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gefl-grpc"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0), *KEEPALIVE, ("grpc.http2.min_ping_interval_without_data_ms", 5_000)],
         maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_AggregatorServicer_to_server(AggregatorService(coordinator), server)

@@ -24,10 +24,10 @@ from gefl.protocol import (
     UploadHeader,
 )
 from gefl.wire import chunks, sha256
+from protos import KEEPALIVE, MAX_MESSAGE
 from protos import gefl_v1_pb2 as pb
 from protos import gefl_v1_pb2_grpc as pb_grpc
 
-MAX_MESSAGE = (1 << 20) + (1 << 16)
 CALL_TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 600.0
 _STATUS = {pb.Task.WAIT: "wait", pb.Task.TRAIN: "train", pb.Task.FINISHED: "finished"}
@@ -63,12 +63,14 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 
 class GrpcClientTransport:
     def __init__(self, address: str, enrol_token: str, *, ca: str | Path | None = None,
-                 cert: str | Path | None = None, key: str | Path | None = None) -> None:
+                 cert: str | Path | None = None, key: str | Path | None = None,
+                 channel_options: list[tuple[str, int | str]] | None = None) -> None:
         """`ca` switches TLS on (the CA that signed the aggregator's certificate); `cert` and `key`
         are this client's own certificate, for an aggregator that asks for mutual TLS."""
         if (cert is None) != (key is None):
             raise GeflError("--cert and --key go together (the client certificate and its private key)")
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                   *KEEPALIVE, *(channel_options or [])]
         if ca is not None:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(ca, "CA certificate"), private_key=_read(key, "client key"),
@@ -114,21 +116,24 @@ class GrpcClientTransport:
                         tuple(ArtifactRef(a.name, a.size, a.sha256) for a in t.artifacts), t.upload_name,
                         t.max_upload_bytes, t.deadline_s)
 
-    def download(self, round_number: int, ref: ArtifactRef) -> bytes:
+    def download(self, round_number: int, ref: ArtifactRef) -> bytearray:
         """The artifact's bytes, checked against the size and sha256 its task announced."""
-        data = bytearray()
+        data = bytearray(ref.size)  # filled in place: one copy of the payload, however large
+        received = 0
         try:
             for chunk in self.stub.Download(pb.DownloadRequest(round=round_number, name=ref.name),
                                             metadata=self._meta(), timeout=TRANSFER_TIMEOUT_S):
-                data += chunk.data
-                if len(data) > ref.size:
+                end = received + len(chunk.data)
+                if end > ref.size:
                     raise Refused("DATA_LOSS", f"download {ref.name}: more than the announced {ref.size:,} bytes")
+                data[received:end] = chunk.data
+                received = end
         except grpc.RpcError as exc:
             raise _translate(exc, f"download {ref.name}") from exc
-        if len(data) != ref.size or sha256(data) != ref.sha256:
-            raise Refused("DATA_LOSS", f"download {ref.name}: {len(data):,} bytes whose sha256 does not match the "
+        if received != ref.size or sha256(data) != ref.sha256:
+            raise Refused("DATA_LOSS", f"download {ref.name}: {received:,} bytes whose sha256 does not match the "
                           "task's; corrupted in transit")
-        return bytes(data)
+        return data
 
     def upload(self, header: UploadHeader, payload: bytes) -> str:
         def messages() -> Iterator[pb.UploadMessage]:
