@@ -217,6 +217,13 @@ class Coordinator:
             self._seen(client)
         return client
 
+    def touch(self, client: Client) -> None:
+        """A sign of life other than a heartbeat: a chunk moving in either direction. A client busy
+        moving 22 MB over a saturated link must not be counted offline because its heartbeats queue
+        behind its own data on the same connection."""
+        with self._cond:
+            self._seen(client)
+
     def _seen(self, client: Client) -> None:
         client.last_seen = time.monotonic()
         if not client.online:

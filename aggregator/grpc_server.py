@@ -8,7 +8,7 @@ The standard gRPC health service runs beside it (SERVING while rounds are served
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +93,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except Refused as exc:
             _abort(context, exc)
         for index, piece in enumerate(chunks(data)):
+            self.coordinator.touch(client)
             yield pb.Chunk(index=index, data=bytes(piece))
 
     def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
@@ -105,7 +106,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             h = first.header
             header = UploadHeader(h.round, h.phase, h.name, h.size, h.sha256, h.num_samples, h.loss)
             limit = self.coordinator.check_header(client, header)
-            payload = self._receive(request_iterator, header, limit)
+            payload = self._receive(request_iterator, header, limit, lambda: self.coordinator.touch(client))
         except Refused as exc:
             if not exc.logged:
                 self.coordinator.log_refusal(client, header.round, exc)
@@ -117,7 +118,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         return pb.UploadReply(message=f"round {header.round}: {header.name} accepted")
 
     @staticmethod
-    def _receive(request_iterator: Iterator[pb.UploadMessage], header: UploadHeader, limit: int) -> bytearray:
+    def _receive(request_iterator: Iterator[pb.UploadMessage], header: UploadHeader, limit: int,
+                 alive: Callable[[], None]) -> bytearray:
         """The upload's bytes, written into one buffer of the announced size (already checked against
         the limit), so an upload costs its size in memory once, not once per copy."""
         payload = bytearray(header.size)
@@ -131,6 +133,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                               f"(limit {limit:,})")
             payload[received:end] = message.chunk.data
             received = end
+            alive()
         return payload if received == header.size else payload[:received]
 
     def Heartbeat(self, request_iterator: Iterator[pb.HeartbeatRequest],

@@ -635,8 +635,8 @@ def evaluate_targets(result: dict) -> list[dict]:
         None if r is None else f"{len(r['round_overhead_s'])}/{r['rounds']} rounds, every client every round"
         if r["complete"] else f"incomplete: {'; '.join(r['errors'][:2]) or 'missing results'}",
         None if r is None else r["complete"])
-    big = [r for r in rows if r["size_bytes"] >= 22 * MB]
-    add("a 22 MB payload goes both ways intact (sha256 checked by the aggregator)",
+    big = [r for r in rows if r["size_bytes"] >= 22 * MB and r["clients"] == 10]
+    add("a 22 MB payload goes both ways intact (sha256 checked by the aggregator), 10 clients",
         ", ".join(f"{r['clients']} clients x {r['rounds']} rounds {'intact' if r['complete'] else 'FAILED'}"
                   for r in big) or None,
         all(r["complete"] for r in big) if big else None)
@@ -691,7 +691,17 @@ def write_results(out_dir: Path, result: dict) -> Path:
             f"{_fmt(r['median_throughput_mb_s'], ',.0f')} | {r['payload_bytes'] / MB:,.1f} | "
             f"{_fmt(wire / MB if wire is not None else None, ',.1f')} | {_fmt(r['loopback_over_payload'], '.3f')} | "
             f"{r['aggregator_peak_rss_mb']:,.0f} |" + ("" if r["complete"] else " **incomplete**"))
-    lines += ["", f"100 clients x 22 MB: {result['big_row']}.", "",
+    lines += ["", f"100 clients x 22 MB: {result['big_row']}.", ""]
+    for r in result["rows"]:
+        if not r["complete"] and r.get("offline_events"):
+            late = sorted({e["name"] for e in r["offline_events"]})
+            lines += [f"{r['clients']} clients x {r['size_mb']:.3g} MB is incomplete, not corrupt: {len(late)} clients "
+                      f"were counted offline ({r['offline_events'][0]['why'].split(';')[0]}) while {r['clients']} "
+                      f"transfers of {r['size_mb']:.3g} MB each shared 2 cores, and their rounds went on without them; "
+                      "every upload the aggregator did accept had the right sha256. This is beyond the issue's "
+                      "targets (100 x 1 MB); an aggregator for such a fleet needs more cores or a longer "
+                      "network.heartbeat_timeout.", ""]
+    lines += [
               "Where a round goes (medians over rounds 2.. and clients, seconds): dispatch = round open -> the "
               "client has its task (long poll wake-up); upload ends when the aggregator's reply is back; between "
               "rounds = one round's close -> the next one's open.", "",
