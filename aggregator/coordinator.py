@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gefl import protocol as p
-from gefl.federation import Federation, Phase, RoundError, RoundInfo, task_seed
+from gefl.federation import Federation, Phase, RoundError, RoundInfo, round_traffic, task_seed
 from gefl.protocol import ArtifactRef, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
 from gefl.wire import arrays_digest, decode_arrays, encode_arrays, sha256
 
@@ -148,6 +148,7 @@ class Coordinator:
         self._refs: dict[str, tuple[ArtifactRef, ...]] = {}
         self._told_finished: set[int] = set()
         self._offline_hooks: dict[int, list[Callable[[], Any]]] = {}
+        self._upload_sizes: dict[int, int] = {}
         self._registry_dirty = False
         self.finished = False
         self.stopping = threading.Event()
@@ -362,6 +363,7 @@ class Coordinator:
                     self.federation.submit(client.client_id, header.round, result)
                 except RoundError as exc:
                     raise Refused(p.FAILED_PRECONDITION, str(exc)) from exc
+                self._upload_sizes[client.client_id] = header.size
                 self._seen(client)
                 self._cond.notify_all()
         except Refused as exc:
@@ -444,11 +446,13 @@ class Coordinator:
                              f"{needed}: running the round again")
                 return
             results = self.federation.close_round()
+            down = [{ref.name: ref.size for ref in self._refs[self.clients[c].tier]} for c in info.participants]
+            up = [{self.logic.upload_name(info.phase): self._upload_sizes[c]} for c in results]
             self._artifacts, self._refs = {}, {}
             self.round_closed[info.number] = time.monotonic()
         record = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
                   "participants": list(info.participants), "contributors": sorted(results),
-                  "dropped": [c for c in info.participants if c not in results]}
+                  "dropped": [c for c in info.participants if c not in results], "bytes": round_traffic(down, up)}
         text = self.logic.end_round(info, results, record)
         self._save_checkpoint()
         dropped = f", {len(record['dropped'])} dropped" if record["dropped"] else ""

@@ -103,6 +103,7 @@ class TrainingLogic:
         ordered = list(results.values())
         self.state = self.algorithm.aggregate(info.phase, self.state, ordered)
         record["loss"] = float(np.mean([r.loss for r in ordered]))
+        self.scores.add_traffic(info.phase, record["bytes"])
         text = f"  loss {record['loss']:.4f}"
         if info.evaluate:
             tiers = [t for t in self.tiers if t in self.used_tiers]

@@ -42,6 +42,18 @@ def task_seed(seed: int, round_number: int, client_id: int) -> int:
     return int(np.random.default_rng([seed, round_number, client_id]).integers(2**31))
 
 
+def mean_by_name(sizes: list[dict[str, int]]) -> dict[str, int]:
+    """Per name, the mean over the dicts that have it (rounded to whole bytes)."""
+    names = dict.fromkeys(name for s in sizes for name in s)
+    return {name: round(float(np.mean([s[name] for s in sizes if name in s]))) for name in names}
+
+
+def round_traffic(down: list[dict[str, int]], up: list[dict[str, int]]) -> dict[str, dict[str, int]]:
+    """One round's bytes per client, both directions, per artifact: `down` has one {artifact: bytes}
+    per participant (what its task carried), `up` one per result that counted."""
+    return {"down": mean_by_name(down), "up": mean_by_name(up)}
+
+
 class RoundError(Exception):
     """A result that does not belong to the open round (late, duplicate, not a participant)."""
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gefl.config import Config
+from gefl.federation import mean_by_name
 
 
 @dataclass
@@ -20,6 +21,8 @@ class Scoreboard:
     best: dict[str, float] = field(default_factory=dict)
     final: dict[str, float] = field(default_factory=dict)
     evaluations: list[int] = field(default_factory=list)
+    traffic: dict[str, list[dict]] = field(default_factory=dict)
+    """Per phase, each round's bytes per client (round_traffic)."""
 
     def record(self, round_number: int, accuracy: dict[str, float]) -> dict:
         """Note one evaluation; returns the fields it adds to the round's metrics record."""
@@ -28,6 +31,14 @@ class Scoreboard:
             self.final[tier] = acc
         self.evaluations.append(round_number)
         return {"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values())))}
+
+    def add_traffic(self, phase: str, traffic: dict) -> None:
+        self.traffic.setdefault(phase, []).append(traffic)
+
+    def mean_traffic(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per phase: mean bytes per client per round, down and up, per artifact."""
+        return {phase: {d: mean_by_name([r[d] for r in rounds]) for d in ("down", "up")}
+                for phase, rounds in self.traffic.items()}
 
     def summary(self, cfg: Config, rounds: int, wall_time_s: float, params: dict[str, int], run_dir: str) -> dict:
         return {
@@ -43,6 +54,7 @@ class Scoreboard:
                       for t in self.tiers},
             "mean_best_acc": float(np.mean([self.best.get(t, 0.0) for t in self.tiers])),
             "mean_final_acc": float(np.mean([self.final.get(t, 0.0) for t in self.tiers])),
+            "bytes_per_client_per_round": self.mean_traffic(),
             "run_dir": run_dir,
         }
 
@@ -51,7 +63,8 @@ class Scoreboard:
 
     @classmethod
     def from_dict(cls, data: dict) -> Scoreboard:
-        return cls(list(data["tiers"]), dict(data["best"]), dict(data["final"]), list(data["evaluations"]))
+        return cls(list(data["tiers"]), dict(data["best"]), dict(data["final"]), list(data["evaluations"]),
+                   {phase: list(rounds) for phase, rounds in data.get("traffic", {}).items()})
 
 
 def format_accuracy(record: dict) -> str:

@@ -20,7 +20,7 @@ from gefl.data import Dataset, Split, label_histogram, load_dataset, partition
 from gefl.device_sim import DeviceSimulation, format_device_summary, training_mflops_per_sample
 from gefl.errors import GeflError
 from gefl.executor import WorkerContext, default_workers, make_executor
-from gefl.federation import Federation, RoundInfo, task_seed
+from gefl.federation import Federation, RoundInfo, round_traffic, task_seed
 from gefl.models import count_parameters, get_model
 from gefl.rundir import RunDir
 from gefl.scoreboard import Scoreboard, format_accuracy
@@ -136,6 +136,11 @@ def simulate(
                     raise GeflError(f"round {info.number}: every client's update was refused (see above); "
                                     f"if training diverged, lower train.lr (now {cfg.train.lr})")
                 results = list(federation.close_round().values())
+                record["bytes"] = round_traffic(
+                    [{"model": len(t.model), **({"generator": len(t.generator)} if t.generator else {})}
+                     for t in tasks],
+                    [{"generator" if info.phase == GENERATOR else "model": len(r.state)} for r in results])
+                scores.add_traffic(info.phase, record["bytes"])
                 state = algorithm.aggregate(info.phase, state, results)
                 record["loss"] = float(np.mean([r.loss for r in results]))
                 line += f"  loss {record['loss']:.4f}"

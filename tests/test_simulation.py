@@ -10,6 +10,7 @@ from gefl import simulate
 from gefl.data import load_dataset
 from gefl.models import get_model
 from gefl.training import accuracy
+from gefl.wire import encode_state
 
 BASE = {
     "num_clients": 4,
@@ -59,6 +60,19 @@ def test_gefl_f_runs_all_three_phases_with_a_frozen_shared_fe(tmp_path):
         assert torch.equal(w3[k], w4[k]), f"{k} differs between tiers: the FE must be common"
     gen = load_file(run / "weights" / "generator.safetensors")
     assert any(k.startswith("decoder.") for k in gen)
+
+    # Bytes per client per round, per artifact and direction: the generator travels both ways in its
+    # phase, and down (beside the model) in the head phase; the sizes are the encoded tensors'.
+    traffic = summary["bytes_per_client_per_round"]
+    generator_bytes = len(encode_state(gen))
+    assert set(traffic) == {"warmup", "generator", "head"}
+    assert "generator" not in traffic["warmup"]["down"] and set(traffic["warmup"]["up"]) == {"model"}
+    assert traffic["generator"]["up"] == {"generator": generator_bytes}
+    assert traffic["generator"]["down"]["generator"] == generator_bytes
+    assert traffic["head"]["down"]["generator"] == generator_bytes and set(traffic["head"]["up"]) == {"model"}
+    sizes = {t: len(encode_state(load_file(run / "weights" / f"{t}.safetensors"))) for t in ("cnn3", "cnn4")}
+    assert traffic["head"]["up"]["model"] == round(sum(sizes.values()) / 2)  # two clients of each tier
+    assert all(m["bytes"]["down"]["model"] > 0 for m in metrics)
 
 
 def test_fedprox_and_lg_fedavg_run(tmp_path):
