@@ -380,11 +380,6 @@ class Coordinator:
     def quorum(self) -> int:
         return self.settings.min_clients
 
-    def online(self) -> list[int]:
-        with self._cond:
-            self._expire_silent()
-            return sorted(c.client_id for c in self.clients.values() if c.online)
-
     def _expire_silent(self) -> None:
         now = time.monotonic()
         for client in self.clients.values():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aggregator.coordinator import Coordinator, Settings
-from aggregator.grpc_server import TlsFiles, start_server
+from aggregator.grpc_server import SERVICE, TlsFiles, start_server
 from aggregator.training_logic import TrainingLogic
 from gefl.config import Config
 from gefl.data import load_dataset
@@ -75,7 +75,7 @@ def serve(cfg: Config, listen: str, state_dir: str | Path, *, tls: TlsFiles | No
     finally:
         from grpc_health.v1 import health_pb2
 
-        for service in ("", "gefl.v1.Aggregator"):
+        for service in ("", SERVICE):
             health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.stop(grace=1.0).wait()
     if not coordinator.federation.finished:

@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edge_client.probe import cpu_model
 from gefl.models import OPT_IN_TIERS, count_parameters, get_model, list_tiers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,19 +220,6 @@ def measure_train_memory(tier: str, runs: int = 3) -> float:
 # --------------------------------------------------------------------------- the catalogue
 
 
-def machine_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (x86: "model name"; Raspberry Pi: "Model")."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    for key in ("model name", "Model", "Hardware", "cpu model"):
-        match = re.search(rf"^{key}\s*:\s*(.+)$", info, re.M)
-        if match:
-            return match.group(1).strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def measure_tier(tier: str, runs: int) -> dict:
     rows = [measure_fresh(tier, timed=False) for _ in range(runs)]
     timed = [measure_fresh(tier) for _ in range(runs)]
@@ -350,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tier:<20} {m['params']:>11,} params  {m['train_mflops_per_sample']:>9.2f} MFLOPs/sample  "
               f"{m['train_memory_mb']:>7.1f} MB  {m['train_samples_per_s']:>8.0f} samples/s", flush=True)
     runtime = statistics.median(r["runtime_memory_mb"] for m in measured.values() for r in m["runs"])
-    machine = f"{machine_name()}, {os.cpu_count()} cores"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores"
     date = time.strftime("%Y-%m-%d")
     write_catalogue(Path(args.catalogue), measured, runtime, machine, date)
     if REFERENCE_TIER in measured:

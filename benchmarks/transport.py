@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_client.probe import cpu_model
 from gefl.errors import GeflError
 from gefl.federation import Phase
 
@@ -601,17 +602,6 @@ def plan(quick: bool) -> Plan:
 # --------------------------------------------------------------------------- the report
 
 
-def machine_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    for key in ("model name", "Model", "Hardware", "cpu model"):
-        if match := re.search(rf"^{key}\s*:\s*(.+)$", info, re.M):
-            return match.group(1).strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _find(rows: list[dict], clients: int, size: int) -> dict | None:
     return next((r for r in rows if r["clients"] == clients and r["size_bytes"] == size), None)
 
@@ -800,7 +790,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if torch_anywhere:
         raise RuntimeError("torch was imported by a benchmark process: the transport path must stay torch-free")
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{machine_name()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "cores": os.cpu_count(), "python": platform.python_version(), "grpcio": importlib.metadata.version("grpcio"),
         "quick": args.quick, "mb": MB, "torch_imported": False,
         "settings": {"round_timeout_s": ROUND_TIMEOUT_S, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,

@@ -192,6 +192,16 @@ def _bad_meminfo(path: Path, number: int, line: str, expected: str) -> GeflError
 # --- cpu and arch ------------------------------------------------------------------------------
 
 
+def cpu_model(root: str | Path = "/") -> str:
+    """The CPU model as cpuinfo names it (x86: "model name"; Raspberry Pi: "Model"), for reports."""
+    info = _read_text(Path(root) / "proc/cpuinfo") or ""
+    for key in ("model name", "Model", "Hardware", "cpu model"):
+        if match := re.search(rf"^{key}\s*:\s*(.+)$", info, re.M):
+            return match.group(1).strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+
 def _real_cpu_count() -> int:
     """The cores this process may run on: a container or taskset can allow fewer than exist."""
     if hasattr(os, "sched_getaffinity"):
