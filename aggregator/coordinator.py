@@ -304,12 +304,12 @@ class Coordinator:
     def check_header(self, client: Client, header: UploadHeader) -> int:
         """Everything about an upload that can be refused before its bytes are read; returns its size limit."""
         try:
-            return self._check_header(client, header)
+            return self._check_header(client, header)[1]
         except Refused as exc:
             self.log_refusal(client, header.round, exc)
             raise
 
-    def _check_header(self, client: Client, header: UploadHeader) -> int:
+    def _check_header(self, client: Client, header: UploadHeader) -> tuple[RoundInfo, int]:
         with self._cond:
             info = self.federation.current
             if info is None or header.round != info.number:
@@ -339,19 +339,16 @@ class Coordinator:
                           "(the samples this client registered with)")
         if not math.isfinite(header.loss):
             raise Refused(p.INVALID_ARGUMENT, f"the reported training loss is {header.loss}: training diverged")
-        return limit
+        return info, limit
 
     def submit(self, client: Client, header: UploadHeader, payload: bytes) -> None:
         """Validate an upload completely and count it; a refusal leaves every global state untouched."""
         try:
-            self._check_header(client, header)
+            info, _ = self._check_header(client, header)  # again: the round may have closed meanwhile
             if len(payload) != header.size:
                 raise Refused(p.DATA_LOSS, f"received {len(payload):,} bytes, the header announced {header.size:,}")
             if sha256(payload) != header.sha256:
                 raise Refused(p.DATA_LOSS, "the upload's sha256 does not match its header: corrupted in transit")
-            info = self.federation.current
-            if info is None or info.number != header.round:
-                raise Refused(p.FAILED_PRECONDITION, f"round {header.round} closed while the upload was arriving")
             try:
                 result = self.logic.check(info, client.client_id, client.tier, header, payload)
             except Refused:

@@ -49,6 +49,8 @@ class TrainingLogic:
             self.algorithm, {}, Split(dataset.test.images, dataset.test.labels), dataset.num_classes,
             cfg.eval.batch_size))
         self._limits: dict[str, int] = {}
+        self._catalogue = load_catalogue()  # read once: --tier auto registrations consult it
+        self._memory_fraction = load_profiles(DEVICES_PATH)[1].memory_fraction
         self._round_started = time.monotonic()
         self.started = time.monotonic()
         self.elapsed_before = 0.0
@@ -67,11 +69,10 @@ class TrainingLogic:
         if not memory or not speed:
             raise GeflError("tier 'auto' needs the device's measured profile (memory and training speed); "
                             "run the client with --tier auto on the device itself, or name a tier with --tier")
-        _, defaults = load_profiles(DEVICES_PATH)
         policy = Policy(deadline_s=self.cfg.network.round_timeout,
                         samples_per_round=request.num_samples * self.cfg.train.local_epochs,
-                        memory_fraction=defaults.memory_fraction)
-        choice = select_tier(self.tiers, memory / 2**20, speed, policy, load_catalogue())
+                        memory_fraction=self._memory_fraction)
+        choice = select_tier(self.tiers, memory / 2**20, speed, policy, self._catalogue)
         return choice.tier, choice.reason
 
     def begin_round(self, info: RoundInfo) -> None:
