@@ -155,6 +155,7 @@ class Coordinator:
         self.round_started: dict[int, float] = {}
         """Monotonic time each round number was (last) opened; the tests and benchmark read it."""
         self.round_closed: dict[int, float] = {}
+        self._listeners: list[Callable[[str], Any]] = []
         if state_dir is not None and (state_dir / CHECKPOINT).exists():
             self._load_checkpoint(state_dir / CHECKPOINT)
 
@@ -265,14 +266,9 @@ class Coordinator:
         until = time.monotonic() + max(0.0, min(wait_s, 60.0))
         with self._cond:
             while True:
-                if self.finished:
-                    self._told_finished.add(client.client_id)
-                    self._cond.notify_all()
-                    return TaskInfo(p.FINISHED)
-                info = self.federation.current
-                if (info is not None and client.client_id in info.participants
-                        and client.client_id not in self.federation.received and client.tier in self._refs):
-                    return self._task(info, client)
+                task = self.task_for(client)
+                if task.status != p.WAIT:
+                    return task
                 now = time.monotonic()
                 if now >= until or self.stopping.is_set():
                     return TaskInfo(p.WAIT)
@@ -280,6 +276,37 @@ class Coordinator:
                     return TaskInfo(p.WAIT)
                 self._seen(client)
                 self._cond.wait(min(until - now, 0.25))
+
+    def task_for(self, client: Client) -> TaskInfo:
+        """The client's task as things stand (no waiting): for transports that push tasks (MQTT)."""
+        with self._cond:
+            if self.finished:
+                self._told_finished.add(client.client_id)
+                self._cond.notify_all()
+                return TaskInfo(p.FINISHED)
+            info = self.federation.current
+            if (info is not None and client.client_id in info.participants
+                    and client.client_id not in self.federation.received and client.tier in self._refs):
+                return self._task(info, client)
+            return TaskInfo(p.WAIT)
+
+    def open_artifacts(self) -> tuple[int, dict[str, dict[str, bytes]], dict[str, tuple[ArtifactRef, ...]]]:
+        """The open round's number (0: none) and its artifacts and their refs per tier."""
+        with self._cond:
+            info = self.federation.current
+            return (info.number if info and self._refs else 0), self._artifacts, self._refs
+
+    def add_listener(self, listener: Callable[[str], Any]) -> None:
+        """`listener(event)` is called from the driver thread, outside every lock, on 'round_opened',
+        'round_closed' and 'finished': transports that push (MQTT) publish tasks and artifacts then."""
+        self._listeners.append(listener)
+
+    def _notify(self, event: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception as exc:  # a transport's failure must not stop the rounds
+                self.say(f"listener failed on {event}: {exc!r}")
 
     def _task(self, info: RoundInfo, client: Client) -> TaskInfo:
         return TaskInfo(
@@ -422,6 +449,8 @@ class Coordinator:
             self._round_deadline = started + self.settings.round_timeout
             self.round_started[info.number] = started
             self._cond.notify_all()
+        self._notify("round_opened")
+        with self._cond:
             while not self.stopping.is_set():
                 self._expire_silent()
                 pending = [c for c in self.federation.missing if self.clients[c].online]
@@ -436,12 +465,17 @@ class Coordinator:
                 if not self.stopping.is_set():
                     self.say(f"round {info.number}: {len(received)} result(s) by the deadline, the quorum is "
                              f"{needed}: running the round again")
-                return
-            results = self.federation.close_round()
-            down = [{ref.name: ref.size for ref in self._refs[self.clients[c].tier]} for c in info.participants]
-            up = [{self.logic.upload_name(info.phase): self._upload_sizes[c]} for c in results]
-            self._artifacts, self._refs = {}, {}
-            self.round_closed[info.number] = time.monotonic()
+                abandoned = True
+            else:
+                abandoned = False
+                results = self.federation.close_round()
+                down = [{ref.name: ref.size for ref in self._refs[self.clients[c].tier]} for c in info.participants]
+                up = [{self.logic.upload_name(info.phase): self._upload_sizes[c]} for c in results]
+                self._artifacts, self._refs = {}, {}
+                self.round_closed[info.number] = time.monotonic()
+        self._notify("round_closed")
+        if abandoned:
+            return
         record = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
                   "participants": list(info.participants), "contributors": sorted(results),
                   "dropped": [c for c in info.participants if c not in results], "bytes": round_traffic(down, up)}
@@ -461,6 +495,8 @@ class Coordinator:
         with self._cond:
             self.finished = True
             self._cond.notify_all()
+        self._notify("finished")
+        with self._cond:
             until = time.monotonic() + self.settings.finish_grace
             while time.monotonic() < until:
                 online = {c.client_id for c in self.clients.values() if c.online}

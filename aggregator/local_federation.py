@@ -1,14 +1,16 @@
-"""`gefl simulate --transport grpc`: a whole federation on loopback, over the real protocol.
+"""`gefl simulate --transport grpc|mqtt`: a whole federation on loopback, over the real protocol.
 
 The same config as an in-process simulation, but the aggregator serves gRPC on a free loopback
-port and every client is its own `gefl client run` process reading its shard from an
-ImageFolder directory (written by `gefl data split`'s code). Clients are started one after the
+port, or bridges to a Mosquitto broker it starts on a free port (or one given with --broker),
+and every client is its own `gefl client run` process reading its shard from an ImageFolder
+directory (written by `gefl data split`'s code). Clients are started one after the
 other, each once the previous one has registered, so client ids, tiers, shards and task seeds are
 the in-process run's: the two runs compute the same rounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -31,8 +33,8 @@ from gefl.rundir import RunDir
 REGISTER_TIMEOUT_S = 120.0
 
 
-def _client_command(port: int, data_dir: Path, tier: str, name: str) -> list[str]:
-    return [sys.executable, "-m", "gefl.cli", "client", "run", "--aggregator", f"127.0.0.1:{port}",
+def _client_command(aggregator: str, data_dir: Path, tier: str, name: str) -> list[str]:
+    return [sys.executable, "-m", "gefl.cli", "client", "run", "--aggregator", aggregator,
             "--data-dir", str(data_dir), "--tier", tier, "--name", name, "--threads", "1", "--give-up", "60"]
 
 
@@ -48,14 +50,40 @@ def _wait_registered(coordinator: Coordinator, count: int, process: subprocess.P
         time.sleep(0.02)
 
 
-def simulate_over_grpc(cfg: Config, *, out: str | Path | None = None,
-                       progress: Callable[[str], None] | None = print) -> dict:
+def simulate_over_network(cfg: Config, transport: str = "grpc", *, broker: str | None = None,
+                          out: str | Path | None = None, progress: Callable[[str], None] | None = print) -> dict:
+    """transport: grpc or mqtt; `broker` (mqtt only): a broker URL to use instead of starting Mosquitto."""
+    if transport not in ("grpc", "mqtt"):
+        raise GeflError(f"transport {transport!r} is not a network transport: grpc or mqtt")
+    if broker is not None and transport != "mqtt":
+        raise GeflError("--broker is for --transport mqtt")
     say = progress or (lambda _m: None)
     RunDir.check_target(out)
     run = RunDir.create(out, cfg)
     token = secrets.token_urlsafe(24)
     coordinator = build_coordinator(cfg, run.path, token, say)
-    server, port, _ = start_server(coordinator, "127.0.0.1:0")
+    with contextlib.ExitStack() as stack:
+        if transport == "grpc":
+            server, port, _ = start_server(coordinator, "127.0.0.1:0")
+            stack.callback(lambda: server.stop(grace=0.5).wait())
+            aggregator = f"127.0.0.1:{port}"
+        else:
+            from aggregator.mosquitto import Mosquitto
+            from aggregator.mqtt_bridge import MqttBridge
+            from gefl.mqtt import MqttAuth, parse_broker_url
+
+            if broker is None:
+                broker = stack.enter_context(Mosquitto()).url
+            bridge = MqttBridge(coordinator, parse_broker_url(broker), MqttAuth(), say)
+            bridge.start()
+            stack.callback(bridge.stop)
+            aggregator = str(bridge.url)
+        _run_clients(cfg, coordinator, run, aggregator, token, transport, say)
+    return json.loads((run.path / "summary.json").read_text())
+
+
+def _run_clients(cfg: Config, coordinator: Coordinator, run: RunDir, aggregator: str, token: str, transport: str,
+                 say: Callable[[str], None]) -> None:
     logs = run.path / "clients"
     logs.mkdir(exist_ok=True)
     processes: list[subprocess.Popen] = []
@@ -65,8 +93,8 @@ def simulate_over_grpc(cfg: Config, *, out: str | Path | None = None,
         write_split(cfg.dataset, cfg.num_clients, Path(shards), kind=p.kind, samples_per_client=p.samples_per_client,
                     alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed, data_dir=cfg.data_dir,
                     progress=None)
-        say(f"gefl simulate --transport grpc: aggregator on 127.0.0.1:{port}, {cfg.num_clients} client processes; "
-            f"client logs in {logs}")
+        say(f"gefl simulate --transport {transport}: aggregator at {aggregator}, {cfg.num_clients} client "
+            f"processes; client logs in {logs}")
         env = {**os.environ, "GEFL_TOKEN": token, "PYTHONUNBUFFERED": "1"}
         try:
             driver.start()
@@ -75,7 +103,7 @@ def simulate_over_grpc(cfg: Config, *, out: str | Path | None = None,
                 log = logs / f"{name}.log"
                 with open(log, "w") as f:
                     processes.append(subprocess.Popen(
-                        _client_command(port, Path(shards) / name, cfg.tier_of(c), name),
+                        _client_command(aggregator, Path(shards) / name, cfg.tier_of(c), name),
                         stdout=f, stderr=subprocess.STDOUT, env=env))
                 _wait_registered(coordinator, c + 1, processes[-1], log)
             while driver.is_alive():
@@ -94,6 +122,3 @@ def simulate_over_grpc(cfg: Config, *, out: str | Path | None = None,
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            server.stop(grace=0.5).wait()
-    summary = json.loads((run.path / "summary.json").read_text())
-    return summary

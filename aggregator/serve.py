@@ -1,4 +1,4 @@
-"""`gefl aggregator serve`: a federation's aggregator as a long-running gRPC service.
+"""`gefl aggregator serve`: a federation's aggregator as a long-running service, over gRPC, MQTT or both.
 
 The state directory is the run directory (`gefl simulate`'s layout) plus the checkpoint the
 coordinator rewrites after every round; started again on the same directory, the aggregator
@@ -13,6 +13,7 @@ import secrets
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.coordinator import Coordinator, Settings
@@ -21,6 +22,7 @@ from aggregator.training_logic import TrainingLogic
 from gefl.config import Config
 from gefl.data import load_dataset
 from gefl.errors import GeflError
+from gefl.mqtt import BrokerUrl, MqttAuth
 from gefl.rundir import RunDir
 
 TOKEN_FILE = "enrolment-token"
@@ -56,28 +58,53 @@ def build_coordinator(cfg: Config, state_dir: Path, token: str | None, say: Call
     return Coordinator(logic, settings_for(cfg), enrolment_token(run.path, token, say), run.path, say)
 
 
-def serve(cfg: Config, listen: str, state_dir: str | Path, *, tls: TlsFiles | None = None, token: str | None = None,
-          say: Callable[[str], None] = print) -> int:
-    """Serve until every round is done (or SIGTERM / Ctrl-C); returns the rounds completed."""
-    coordinator = build_coordinator(cfg, Path(state_dir), token, say)
-    server, port, health = start_server(coordinator, listen, tls)
-    host = listen.rsplit(":", 1)[0]
-    say(f"gefl aggregator: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients (quorum "
-        f"{coordinator.quorum}), {coordinator.federation.total_rounds} rounds; listening on {host}:{port} "
-        f"({'mutual TLS' if tls and tls.client_ca else 'TLS' if tls else 'no TLS'}); state in {state_dir}")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: coordinator.stopping.set())
-    try:
-        coordinator.run()
-    except KeyboardInterrupt:
-        coordinator.stopping.set()
-        raise
-    finally:
-        from grpc_health.v1 import health_pb2
+@dataclass(frozen=True)
+class MqttEndpoint:
+    url: BrokerUrl
+    auth: MqttAuth
 
-        for service in ("", SERVICE):
-            health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server.stop(grace=1.0).wait()
+
+def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls: TlsFiles | None = None,
+          mqtt: MqttEndpoint | None = None, token: str | None = None, say: Callable[[str], None] = print) -> int:
+    """Serve over gRPC on `listen`, over MQTT through `mqtt`'s broker, or both at once (one federation),
+    until every round is done (or SIGTERM / Ctrl-C); returns the rounds completed."""
+    if listen is None and mqtt is None:
+        raise GeflError("nothing to serve on: give a gRPC address (--listen) and/or a broker (--mqtt)")
+    coordinator = build_coordinator(cfg, Path(state_dir), token, say)
+    server = health = bridge = None
+    faces = []
+    try:
+        if listen is not None:
+            server, port, health = start_server(coordinator, listen, tls)
+            faces.append(f"gRPC on {listen.rsplit(':', 1)[0]}:{port} "
+                         f"({'mutual TLS' if tls and tls.client_ca else 'TLS' if tls else 'no TLS'})")
+        if mqtt is not None:
+            from aggregator.mqtt_bridge import MqttBridge
+
+            bridge = MqttBridge(coordinator, mqtt.url, mqtt.auth, say)
+            bridge.start()
+            faces.append(f"MQTT via {bridge.url} ({'TLS' if mqtt.url.tls else 'no TLS'}; clients use "
+                         f"--aggregator {bridge.url})")
+        say(f"gefl aggregator: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients (quorum "
+            f"{coordinator.quorum}), {coordinator.federation.total_rounds} rounds; serving {' and '.join(faces)}; "
+            f"state in {state_dir}")
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: coordinator.stopping.set())
+        try:
+            coordinator.run()
+        except KeyboardInterrupt:
+            coordinator.stopping.set()
+            raise
+    finally:
+        if health is not None:
+            from grpc_health.v1 import health_pb2
+
+            for service in ("", SERVICE):
+                health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if bridge is not None:
+            bridge.stop()
+        if server is not None:
+            server.stop(grace=1.0).wait()
     if not coordinator.federation.finished:
         raise GeflError(f"stopped after round {coordinator.federation.completed}; start again with the same "
                         f"--state-dir {state_dir} to resume")

@@ -252,7 +252,7 @@ def echo_client(address: str, name: str, stall: bool, report: _ClientReport) -> 
     With `stall`, the client takes its first task from round 2 on, says so on stdout and sleeps
     with its heartbeat still going: a device that hung mid-round, which the benchmark then kills.
     """
-    from edge_client.grpc_transport import Unavailable
+    from edge_client.transport import Unavailable
     from gefl.protocol import FINISHED, TRAIN, RegisterRequest, UploadHeader
     from gefl.wire import sha256
 

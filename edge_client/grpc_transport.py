@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from edge_client.transport import Unauthenticated, Unavailable
 from gefl.errors import GeflError
 from gefl.protocol import (
     ArtifactRef,
@@ -31,14 +32,6 @@ from protos import gefl_v1_pb2_grpc as pb_grpc
 CALL_TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 600.0
 _STATUS = {pb.Task.WAIT: "wait", pb.Task.TRAIN: "train", pb.Task.FINISHED: "finished"}
-
-
-class Unavailable(GeflError):
-    """The aggregator cannot be reached (down, restarting, network gone): retry later."""
-
-
-class Unauthenticated(Refused):
-    """The aggregator does not know this client's token (it lost its state): register again."""
 
 
 def _translate(exc: grpc.RpcError, what: str) -> GeflError:

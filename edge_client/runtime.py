@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 import yaml
 
-from edge_client.grpc_transport import GrpcClientTransport, Unauthenticated, Unavailable
+from edge_client.transport import ClientTransport, Unauthenticated, Unavailable
 from gefl.errors import GeflError
 from gefl.image_folder import read_image_folder
 from gefl.protocol import FINISHED, TRAIN, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
@@ -60,7 +60,7 @@ class ClientOptions:
 
 
 class ClientRuntime:
-    def __init__(self, transport: GrpcClientTransport, options: ClientOptions, say: Say = print) -> None:
+    def __init__(self, transport: ClientTransport, options: ClientOptions, say: Say = print) -> None:
         self.transport = transport
         self.options = options
         self.say = say

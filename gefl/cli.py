@@ -37,13 +37,15 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):  # -> Confi
 
 def _simulate(args: argparse.Namespace) -> int:
     cfg = _load(args, [f"devices={args.devices}"] if args.devices else [])
-    if args.transport == "grpc":
-        from aggregator.local_federation import simulate_over_grpc
+    if args.broker and args.transport != "mqtt":
+        raise GeflError("--broker is for --transport mqtt")
+    if args.transport in ("grpc", "mqtt"):
+        from aggregator.local_federation import simulate_over_network
 
         if cfg.devices is not None:
             raise GeflError("--devices simulates device speeds in one process; it does not combine with "
-                            "--transport grpc, whose clients are real processes")
-        simulate_over_grpc(cfg, out=args.out)
+                            f"--transport {args.transport}, whose clients are real processes")
+        simulate_over_network(cfg, args.transport, broker=args.broker, out=args.out)
     else:
         from gefl.simulation import simulate
 
@@ -64,20 +66,42 @@ def _tls_files(cert: str | None, key: str | None, client_ca: str | None):  # -> 
 def _aggregator_serve(args: argparse.Namespace) -> int:
     import os
 
-    from aggregator.serve import serve
+    from aggregator.serve import MqttEndpoint, serve
+    from gefl.mqtt import parse_broker_url
 
     cfg = _load(args)
     tls = _tls_files(args.tls_cert, args.tls_key, args.client_ca)
-    serve(cfg, args.listen, args.state_dir, tls=tls, token=args.token or os.environ.get("GEFL_TOKEN"),
+    mqtt = None
+    if args.mqtt:
+        mqtt = MqttEndpoint(parse_broker_url(args.mqtt), _mqtt_auth(args.mqtt_user, args.mqtt_ca, args.mqtt_cert,
+                                                                    args.mqtt_key))
+    elif args.mqtt_user or args.mqtt_ca or args.mqtt_cert:
+        raise GeflError("--mqtt-user, --mqtt-ca and --mqtt-cert need --mqtt URL (the broker to serve through)")
+    listen = args.listen or (None if mqtt else "0.0.0.0:50051")
+    serve(cfg, args.state_dir, listen=listen, tls=tls, mqtt=mqtt, token=args.token or os.environ.get("GEFL_TOKEN"),
           say=lambda m: print(m, flush=True))
     return 0
+
+
+def _mqtt_auth(user: str | None, ca: str | None, cert: str | None, key: str | None):  # -> MqttAuth
+    import os
+
+    from gefl.mqtt import MqttAuth
+
+    if (cert is None) != (key is None):
+        raise GeflError("the MQTT client certificate and its key go together")
+    password = os.environ.get("GEFL_MQTT_PASSWORD")
+    if password and not user:
+        raise GeflError("GEFL_MQTT_PASSWORD is set but no MQTT username was given (--mqtt-user)")
+    return MqttAuth(user, password, Path(ca) if ca else None, Path(cert) if cert else None,
+                    Path(key) if key else None)
 
 
 def _client_run(args: argparse.Namespace) -> int:
     import os
 
-    from edge_client.grpc_transport import GrpcClientTransport
     from edge_client.runtime import ClientOptions, ClientRuntime
+    from edge_client.transport import open_transport
 
     token = args.token or os.environ.get("GEFL_TOKEN")
     if not token:
@@ -85,8 +109,10 @@ def _client_run(args: argparse.Namespace) -> int:
                         "aggregator prints it when it starts and keeps it in its state directory)")
     if args.threads is not None and args.threads < 1:
         raise GeflError(f"--threads must be at least 1, got {args.threads}")
-    transport = GrpcClientTransport(args.aggregator, token, ca=args.ca, cert=args.cert, key=args.key)
-    options = ClientOptions(Path(args.data_dir), tier=args.tier, name=args.name, threads=args.threads,
+    auth = _mqtt_auth(args.mqtt_user, args.ca, args.cert, args.key)
+    transport = open_transport(args.aggregator, token, ca=args.ca, cert=args.cert, key=args.key,
+                               mqtt_user=auth.username, mqtt_password=auth.password)
+    options = ClientOptions(Path(args.data_dir), tier=args.tier, name=args.name or args.mqtt_user, threads=args.threads,
                             give_up_s=args.give_up)
     ClientRuntime(transport, options, say=lambda m: print(m, flush=True)).run()
     return 0
@@ -193,9 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", "-o", metavar="DIR", help="run directory (default: runs/<name>-<timestamp>)")
     sim.add_argument("--data-dir", metavar="DIR", help="where the dataset files are (overrides data_dir)")
     sim.add_argument("--seed", type=int, help="random seed (overrides seed)")
-    sim.add_argument("--transport", choices=["inprocess", "grpc"], default="inprocess",
+    sim.add_argument("--transport", choices=["inprocess", "grpc", "mqtt"], default="inprocess",
                      help="inprocess (default): everything in this process; grpc: an aggregator on loopback and "
-                     "one `gefl client run` process per client, over the real protocol")
+                     "one `gefl client run` process per client, over the real protocol; mqtt: the same through a "
+                     "Mosquitto broker started on a free port")
+    sim.add_argument("--broker", metavar="URL", help="with --transport mqtt: use this broker (mqtt://HOST:PORT) "
+                     "instead of starting one")
     sim.add_argument("--devices", metavar="YAML",
                      help="simulate a device mix (e.g. configs/devices.yaml): each client picks its tier by the "
                      "device policy and a simulated clock drives deadlines and stragglers")
@@ -284,14 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
                          description="The server side of a networked federation.")
     agg_sub = agg.add_subparsers(dest="action", required=True, metavar="ACTION")
     srv = agg_sub.add_parser(
-        "serve", help="serve a federation over gRPC until its last round",
+        "serve", help="serve a federation over gRPC and/or MQTT until its last round",
         description="Hold the test set, register clients, run the config's rounds (quorum network.min_clients, "
         "deadline network.round_timeout), evaluate, and write the run directory `gefl simulate` writes into "
         "--state-dir, with a checkpoint after every round: started again on the same directory, it resumes.")
     srv.add_argument("--config", "-c", metavar="YAML", help=f"experiment config (default: configs/{DEFAULT_CONFIG})")
     srv.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
-    srv.add_argument("--listen", default="0.0.0.0:50051", metavar="HOST:PORT",
-                     help="address to serve on (default 0.0.0.0:50051)")
+    srv.add_argument("--listen", metavar="HOST:PORT",
+                     help="serve gRPC on this address (default 0.0.0.0:50051 unless --mqtt is given; give both "
+                     "to serve gRPC and MQTT clients in one federation)")
     srv.add_argument("--state-dir", required=True, metavar="DIR", help="run directory and checkpoint")
     srv.add_argument("--data-dir", metavar="DIR", help="where the dataset's test set is (overrides data_dir)")
     srv.add_argument("--token", metavar="T", help="enrolment token clients must present (default: $GEFL_TOKEN, "
@@ -299,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", metavar="PEM", help="server certificate: serve TLS")
     srv.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     srv.add_argument("--client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    srv.add_argument("--mqtt", metavar="URL", help="also (or only) serve through this MQTT broker: mqtt://HOST:PORT or "
+                     "mqtts://HOST:PORT (TLS); topics under gefl/<config name>/, or /FEDERATION at the URL's end")
+    srv.add_argument("--mqtt-user", metavar="USER", help="MQTT username (password from $GEFL_MQTT_PASSWORD)")
+    srv.add_argument("--mqtt-ca", metavar="PEM", help="CA certificate that signed the broker's (mqtts://)")
+    srv.add_argument("--mqtt-cert", metavar="PEM", help="client certificate for the broker, if it asks for one")
+    srv.add_argument("--mqtt-key", metavar="PEM", help="private key of --mqtt-cert")
     srv.set_defaults(func=_aggregator_serve)
 
     cli = sub.add_parser("client", help="take part in a federation from this device",
@@ -309,14 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Register with the aggregator (device profile in, tier and run config out), then train the "
         "rounds it hands out on the local data: an ImageFolder directory, one sub-folder per class (`gefl data "
         "split` writes them). Reconnects with backoff while the aggregator is away.")
-    run.add_argument("--aggregator", required=True, metavar="HOST:PORT", help="the aggregator's address")
+    run.add_argument("--aggregator", required=True, metavar="HOST:PORT|mqtt[s]://HOST:PORT",
+                     help="the aggregator's gRPC address, or the MQTT broker it serves through (mqtts:// for TLS; "
+                     "add /FEDERATION when the broker serves more than one)")
     run.add_argument("--data-dir", required=True, metavar="DIR", help="this client's images, ImageFolder layout")
     run.add_argument("--tier", default="auto", metavar="auto|NAME",
                      help="auto (default): probe this device and let the aggregator pick; or a tier name")
     run.add_argument("--token", metavar="T", help="the federation's enrolment token (default: $GEFL_TOKEN)")
     run.add_argument("--name", metavar="NAME", help="stable name of this device (default: the hostname)")
-    run.add_argument("--ca", metavar="PEM", help="CA certificate of the aggregator: connect with TLS")
+    run.add_argument("--ca", metavar="PEM", help="CA certificate of the aggregator (or the broker): connect with TLS")
     run.add_argument("--cert", metavar="PEM", help="this client's certificate, for mutual TLS")
+    run.add_argument("--mqtt-user", metavar="USER", help="MQTT username (password from $GEFL_MQTT_PASSWORD); "
+                     "also the default --name, since a broker ACL ties a device's topics to its username")
     run.add_argument("--key", metavar="PEM", help="private key of --cert")
     run.add_argument("--threads", type=int, metavar="N", help="torch threads for training (default: all cores)")
     run.add_argument("--give-up", type=float, metavar="S",

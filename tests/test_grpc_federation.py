@@ -47,9 +47,9 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp_path):
     local = simulate(SHORT, out=tmp_path / "local", progress=None)
-    from aggregator.local_federation import simulate_over_grpc
+    from aggregator.local_federation import simulate_over_network
 
-    remote = simulate_over_grpc(config_from_dict(SHORT), out=tmp_path / "grpc", progress=None)
+    remote = simulate_over_network(config_from_dict(SHORT), "grpc", out=tmp_path / "grpc", progress=None)
     assert abs(remote["mean_best_acc"] - local["mean_best_acc"]) <= 0.5
     # Same ids, shards, seeds and summation order: the rounds are the same computation.
     losses = [m["loss"] for m in _metrics(tmp_path / "local")]
