@@ -89,7 +89,12 @@ class MqttBridge:
     def start(self, timeout: float = 30.0) -> None:
         self._worker.start()
         self.connection.start()
-        if not self.connection.connected.wait(timeout):
+        try:
+            connected = self.connection.wait_connected(timeout)
+        except GeflError:
+            self.stop()
+            raise
+        if not connected:
             self.stop()
             raise GeflError(f"cannot connect to the MQTT broker {self.url} within {timeout:.0f} s (is it running, "
                             "and are the credentials right?)")
@@ -186,10 +191,12 @@ class MqttBridge:
         try:
             client = self.coordinator.authenticate(str(message.get("token", "")))
         except Refused as exc:
-            # Tell the device to register again (an aggregator that lost its state does not know it),
-            # at most every few seconds, however many heartbeats and chunks keep coming.
+            # A device this aggregator has never heard of (it lost its state) is told to register
+            # again, at most every few seconds. A known name with a wrong token is a forgery or a
+            # stale token: its device is not disturbed.
             now = time.monotonic()
-            if now - self._told_unknown.get(name, -math.inf) > UNKNOWN_REPLY_EVERY_S:
+            known = any(c.name == name for c in list(self.coordinator.clients.values()))
+            if not known and now - self._told_unknown.get(name, -math.inf) > UNKNOWN_REPLY_EVERY_S:
                 self._told_unknown[name] = now
                 self._refuse(name, op, exc)
             raise
@@ -222,11 +229,8 @@ class MqttBridge:
         index, count = m.field(msg, "index", int, what), m.field(msg, "count", int, what)
         if header.size < 0 or count != max(1, math.ceil(header.size / CHUNK_BYTES)) or not 0 <= index < count:
             raise m.Malformed(f"{what}: chunk {index} of {count} does not fit an upload of {header.size} bytes")
-        expected = min(CHUNK_BYTES, header.size - index * CHUNK_BYTES)
-        if len(data) != expected:
-            raise m.Malformed(f"{what}: chunk {index} has {len(data):,} bytes, {expected:,} expected (truncated?)")
         key = (client.client_id, header.round)
-        verdict = {"op": "upload", "round": header.round, "sha256": header.sha256}
+        verdict = {"op": "upload", "round": header.round, "attempt": str(msg.get("attempt", ""))[:32]}
         if self._counted.get(key) == header.sha256:  # a resend of a counted upload
             if index == count - 1:
                 self._reply(name, {**verdict, "ok": True, "message": f"round {header.round}: already counted"})
@@ -238,9 +242,12 @@ class MqttBridge:
             except Refused as exc:
                 self._uploads.pop(client.client_id, None)
                 if index == count - 1 or index == 0:  # once or twice per upload, not once per chunk
-                    self._refuse(name, "upload", exc, round=header.round, sha256=header.sha256)
+                    self._refuse(name, "upload", exc, **verdict)
                 raise
             upload = self._uploads[client.client_id] = _Upload(header, count)
+        expected = min(CHUNK_BYTES, header.size - index * CHUNK_BYTES)
+        if len(data) != expected:
+            raise m.Malformed(f"{what}: chunk {index} has {len(data):,} bytes, {expected:,} expected (truncated?)")
         self.coordinator.touch(client)
         upload.parts.setdefault(index, bytes(data))  # a redelivered chunk counts once
         if len(upload.parts) < count:
@@ -250,7 +257,7 @@ class MqttBridge:
         try:
             self.coordinator.submit(client, header, body)
         except Refused as exc:
-            self._refuse(name, "upload", exc, round=header.round, sha256=header.sha256)
+            self._refuse(name, "upload", exc, **verdict)
             raise
         self._counted[key] = header.sha256
         self._reply(name, {**verdict, "ok": True, "message": f"round {header.round}: {header.name} accepted"})

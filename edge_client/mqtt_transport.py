@@ -36,7 +36,7 @@ from gefl.wire import CHUNK_BYTES, chunks, sha256
 REPLY_TIMEOUT_S = 30.0
 """How long a registration or an upload's verdict may take before the request is sent again."""
 TRANSFER_TIMEOUT_S = 600.0
-DISCOVERY_S = 3.0
+DISCOVERY_S = 1.0
 
 
 def _task_of(message: dict) -> tuple[str, TaskInfo]:
@@ -111,7 +111,7 @@ class MqttClientTransport:
                              on_connect=lambda: probe.subscribe("gefl/+/aggregator/status"), say=self.say)
         probe.start()
         try:
-            if not probe.connected.wait(REPLY_TIMEOUT_S):
+            if not probe.wait_connected(REPLY_TIMEOUT_S):
                 raise Unavailable(f"cannot reach the MQTT broker {self.url}")
             time.sleep(DISCOVERY_S)  # retained messages arrive right after subscribing
         finally:
@@ -170,7 +170,7 @@ class MqttClientTransport:
         connection = self.connection
         if connection is None:
             raise GeflError(f"{what}: register first")
-        if not connection.connected.wait(timeout):
+        if not connection.wait_connected(timeout):
             raise Unavailable(f"{what}: the MQTT broker {self.url} is unreachable")
         return connection
 
@@ -284,16 +284,17 @@ class MqttClientTransport:
         connection = self._wait_connected(what)
         generation = connection.generation
         assert self.topics is not None
-        meta = {"token": self.token, "round": header.round, "phase": header.phase, "name": header.name,
-                "size": header.size, "sha256": header.sha256, "num_samples": header.num_samples, "loss": header.loss}
+        attempt = secrets.token_hex(8)  # the verdict names it: an answer to an earlier attempt never matches
+        meta = {"token": self.token, "attempt": attempt, "round": header.round, "phase": header.phase,
+                "name": header.name, "size": header.size, "sha256": header.sha256, "num_samples": header.num_samples,
+                "loss": header.loss}
         pieces = list(chunks(payload)) or [memoryview(b"")]
         topic = self.topics.client(self.name, "result")
         for index, piece in enumerate(pieces):
             frame = m.encode_frame({**meta, "index": index, "count": len(pieces)}, piece)
             self._publish(connection, topic, frame, what)
-        reply = self._await_reply(lambda r: r.get("op") == "upload" and r.get("round") == header.round
-                                  and r.get("sha256") == header.sha256, REPLY_TIMEOUT_S, what,
-                                  generation)
+        reply = self._await_reply(lambda r: r.get("op") == "upload" and r.get("attempt") == attempt,
+                                  REPLY_TIMEOUT_S, what, generation)
         if not reply.get("ok"):
             raise self._refusal(reply, what)
         return str(reply.get("message", "accepted"))

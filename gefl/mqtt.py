@@ -27,6 +27,7 @@ import json
 import re
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,8 @@ class Connection:
         self.url, self.say = url, say
         self.connected = threading.Event()
         self._closing = False
+        self.refusal: str | None = None
+        """Why the broker turned the last connection attempt down (bad credentials), if it did."""
         self.generation = 0
         """Counts connections: a request sent in an earlier one may have been lost with the broker."""
         self._ever_connected = False
@@ -247,9 +250,11 @@ class Connection:
 
     def _connected(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         if reason_code.is_failure:
-            self.say(f"mqtt: {self.url} refused the connection: {reason_code} (check --mqtt-user/--mqtt-password "
-                     "and the broker's ACL)")
+            self.refusal = (f"the MQTT broker {self.url} refused the connection: {reason_code} (check the MQTT "
+                            "username, GEFL_MQTT_PASSWORD and the broker's password file)")
+            self.say(f"mqtt: {self.refusal}")
             return
+        self.refusal = None
         if self._ever_connected:
             self.say(f"mqtt: reconnected to {self.url}")
         self._ever_connected = True
@@ -261,6 +266,16 @@ class Connection:
         if self.connected.is_set() and not self._closing:
             self.say(f"mqtt: lost the connection to {self.url} ({reason_code}); reconnecting")
         self.connected.clear()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Whether connected within `timeout`; raises at once if the broker refuses the credentials."""
+        until = time.monotonic() + timeout
+        while not self.connected.wait(min(0.1, max(0.0, until - time.monotonic()))):
+            if self.refusal is not None:
+                raise GeflError(self.refusal)
+            if time.monotonic() >= until:
+                return False
+        return True
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
