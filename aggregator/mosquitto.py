@@ -42,7 +42,9 @@ class Mosquitto:
         self._tmp = tempfile.TemporaryDirectory(prefix="gefl-mosquitto-") if workdir is None else None
         self.workdir = Path(workdir or self._tmp.name)
         self.conf = self.workdir / "gefl-mosquitto.conf"
-        self.conf.write_text(config or f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.conf.write_text(config or f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                             # The aggregator's subscription takes every client's result chunks at once.
+                             "max_queued_messages 100000\n")
         self.log = self.workdir / "mosquitto.log"
         self.process: subprocess.Popen | None = None
 

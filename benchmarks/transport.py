@@ -1,4 +1,4 @@
-"""What the gRPC transport itself costs a round: echo rounds, no training, real processes.
+"""What the gRPC and MQTT transports themselves cost a round: echo rounds, no training, real processes.
 
 The aggregator is the production Coordinator and gRPC server with an `EchoLogic` round: it sends
 random bytes and takes back only those same bytes (sha256-checked), so every second of a round is
@@ -24,6 +24,7 @@ median over rounds 2.. (round 1 warms the connections up). MB = 2**20 bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -140,6 +141,14 @@ class EchoLogic:
 # --------------------------------------------------------------------------- child processes
 
 
+def _rss_mb(pid: int) -> float:
+    """Peak resident memory of another process (the broker), from /proc: VmHWM."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -188,7 +197,17 @@ def run_aggregator(args: argparse.Namespace) -> int:
     settings = Settings(num_clients=args.clients, min_clients=args.min_clients, round_timeout=ROUND_TIMEOUT_S,
                         heartbeat_interval=HEARTBEAT_INTERVAL_S, heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
     coordinator = Coordinator(logic, settings, TOKEN, state_dir=None, say=say)
-    server, port, _ = start_server(coordinator, f"127.0.0.1:{args.port}")
+    if args.transport == "mqtt":  # the bridge to the broker the parent started on --port
+        from aggregator.mqtt_bridge import MqttBridge
+        from gefl.mqtt import MqttAuth, parse_broker_url
+
+        bridge = MqttBridge(coordinator, parse_broker_url(f"mqtt://127.0.0.1:{args.port}/{logic.federation}"),
+                            MqttAuth(), say)
+        bridge.start()
+        port, stop = args.port, bridge.stop
+    else:
+        server, port, _ = start_server(coordinator, f"127.0.0.1:{args.port}")
+        stop = lambda: server.stop(grace=2).wait()  # noqa: E731
     try:
         _emit({"ready": port})
         while len(coordinator.clients) < args.start_when:
@@ -206,18 +225,23 @@ def run_aggregator(args: argparse.Namespace) -> int:
         _emit({"role": "aggregator", "rounds": rounds, "registered": {str(k): v for k, v in registered.items()},
                "offline": offline, "peak_rss_mb": _peak_rss_mb(), "torch_imported": "torch" in sys.modules})
     finally:
-        server.stop(grace=2).wait()
+        stop()
     return 0
 
 
 def _own_connection_transport(address: str) -> Any:
-    """A GrpcClientTransport on its own TCP connection.
+    """A GrpcClientTransport on its own TCP connection (an MqttClientTransport has one anyway).
 
     gRPC shares one connection among all channels of a process that have the same target and
     options (its global subchannel pool): twenty-five "devices" in one process would be one
     HTTP/2 connection, which no real federation has. A local subchannel pool per channel gives
     each echo client its own connection.
     """
+    if address.startswith("mqtt://"):
+        from edge_client.mqtt_transport import MqttClientTransport
+        from gefl.mqtt import MqttAuth, parse_broker_url
+
+        return MqttClientTransport(parse_broker_url(address), TOKEN, MqttAuth(), say=lambda _m: None)
     from edge_client.grpc_transport import GrpcClientTransport
 
     return GrpcClientTransport(address, TOKEN, channel_options=[("grpc.use_local_subchannel_pool", 1)])
@@ -301,7 +325,8 @@ def echo_client(address: str, name: str, stall: bool, report: _ClientReport) -> 
 
 def run_clients(args: argparse.Namespace) -> int:
     """`--count` echo clients as threads of this process; one JSON line with their reports at the end."""
-    address = f"127.0.0.1:{args.port}"
+    address = f"mqtt://127.0.0.1:{args.port}/{EchoLogic.federation}" if args.transport == "mqtt" else \
+        f"127.0.0.1:{args.port}"
     reports = [_ClientReport(f"echo-{args.prefix}-{i}") for i in range(args.count)]
     threads = [threading.Thread(target=echo_client, args=(address, r.name, args.stall, r), name=r.name)
                for r in reports]
@@ -395,19 +420,19 @@ def fleet() -> Iterator[list[Child]]:
 
 
 def start_aggregator(children: list[Child], port: int, clients: int, min_clients: int, size: int, rounds: int,
-                     deadline: float, verbose: bool, start_when: int = 0) -> Child:
+                     deadline: float, verbose: bool, start_when: int = 0, transport: str = "grpc") -> Child:
     agg = Child(["--role", "aggregator", "--port", str(port), "--clients", str(clients), "--min-clients",
                  str(min_clients), "--size", str(size), "--rounds", str(rounds), "--deadline", str(deadline),
-                 "--start-when", str(start_when)] + (["--verbose"] if verbose else []))
+                 "--start-when", str(start_when), "--transport", transport] + (["--verbose"] if verbose else []))
     children.append(agg)
     agg.expect("ready", 60)
     return agg
 
 
 def start_clients(children: list[Child], port: int, count: int, prefix: str, deadline: float,
-                  stall: bool = False) -> Child:
+                  stall: bool = False, transport: str = "grpc") -> Child:
     child = Child(["--role", "clients", "--port", str(port), "--count", str(count), "--prefix", prefix,
-                   "--deadline", str(deadline)] + (["--stall"] if stall else []))
+                   "--deadline", str(deadline), "--transport", transport] + (["--stall"] if stall else []))
     children.append(child)
     return child
 
@@ -433,17 +458,27 @@ def _median(values: list[float]) -> float | None:
 # --------------------------------------------------------------------------- the measurements
 
 
-def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = False) -> dict:
-    """One row: `clients` echo clients in `procs` processes, `rounds` echo rounds of `size` bytes."""
+def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = False, transport: str = "grpc") -> dict:
+    """One row: `clients` echo clients in `procs` processes, `rounds` echo rounds of `size` bytes,
+    over gRPC or through a Mosquitto broker started for the row (MQTT)."""
     timeout = _row_timeout(clients, size, rounds)
     port = free_port()
     lo_before = loopback_bytes()
     wall = time.monotonic()
-    with fleet() as children:
-        agg = start_aggregator(children, port, clients, clients, size, rounds, timeout + 30, verbose)
+    with fleet() as children, contextlib.ExitStack() as stack:
+        broker_rss = None
+        if transport == "mqtt":
+            from aggregator.mosquitto import Mosquitto
+
+            broker = stack.enter_context(Mosquitto(port))
+        agg = start_aggregator(children, port, clients, clients, size, rounds, timeout + 30, verbose,
+                               transport=transport)
         per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-        client_procs = [start_clients(children, port, n, f"p{i}", timeout + 30) for i, n in enumerate(per)]
+        client_procs = [start_clients(children, port, n, f"p{i}", timeout + 30, transport=transport)
+                        for i, n in enumerate(per)]
         result, reports = _finish(agg, client_procs, timeout)
+        if transport == "mqtt":
+            broker_rss = _rss_mb(broker.process.pid)
     lo_after = loopback_bytes()
     wall = time.monotonic() - wall
 
@@ -470,6 +505,7 @@ def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = F
     payload_bytes = 2 * size * clients * rounds
     wire = lo_after - lo_before if lo_before is not None and lo_after is not None else None
     return {
+        "transport": transport, "broker_rss_mb": broker_rss,
         "clients": clients, "processes": procs, "threads_per_process": per, "size_bytes": size,
         "size_mb": size / MB, "rounds": rounds, "complete": complete, "errors": errors[:20],
         "round_overhead_s": overhead, "timed_rounds": len(timed),
@@ -585,6 +621,8 @@ class Plan:
     rows: list[tuple[int, int, int, int]]
     """(clients, processes, size in bytes, rounds)"""
     big: tuple[int, int, int, int] | None
+    mqtt_rows: list[tuple[int, int, int, int]]
+    """The same kind of rows through a Mosquitto broker."""
     quorum_runs: int
     dead_runs: int
     quorum_clients: tuple[int, int]
@@ -594,16 +632,20 @@ def plan(quick: bool) -> Plan:
     small, mid, big = int(0.1 * MB), MB, 22 * MB
     if quick:
         return Plan(rows=[(4, 2, small, 3), (4, 2, mid, 3), (2, 1, big, 2)], big=None,
-                    quorum_runs=1, dead_runs=1, quorum_clients=(4, 2))
+                    mqtt_rows=[(4, 2, mid, 3)], quorum_runs=1, dead_runs=1, quorum_clients=(4, 2))
     return Plan(rows=[(10, 2, small, 10), (10, 2, mid, 10), (10, 2, big, 5), (100, 4, small, 10), (100, 4, mid, 10)],
-                big=(100, 4, big, 3), quorum_runs=3, dead_runs=3, quorum_clients=(10, 2))
+                big=(100, 4, big, 3),
+                mqtt_rows=[(10, 2, small, 10), (10, 2, mid, 10), (10, 2, big, 5), (100, 4, small, 10),
+                           (100, 4, mid, 10)],
+                quorum_runs=3, dead_runs=3, quorum_clients=(10, 2))
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def _find(rows: list[dict], clients: int, size: int) -> dict | None:
-    return next((r for r in rows if r["clients"] == clients and r["size_bytes"] == size), None)
+def _find(rows: list[dict], clients: int, size: int, transport: str = "grpc") -> dict | None:
+    return next((r for r in rows if r["clients"] == clients and r["size_bytes"] == size
+                 and r["transport"] == transport), None)
 
 
 def evaluate_targets(result: dict) -> list[dict]:
@@ -625,9 +667,14 @@ def evaluate_targets(result: dict) -> list[dict]:
         None if r is None else f"{len(r['round_overhead_s'])}/{r['rounds']} rounds, every client every round"
         if r["complete"] else f"incomplete: {'; '.join(r['errors'][:2]) or 'missing results'}",
         None if r is None else r["complete"])
+    r, g = _find(rows, 10, MB, "mqtt"), _find(rows, 10, MB)
+    med = r["median_round_s"] if r else None
+    add("10 clients x 1 MB over MQTT (Mosquitto): median round overhead, beside gRPC's",
+        None if med is None else f"{med:.3f} s (gRPC {_fmt(g['median_round_s'] if g else None, '.3f')} s)",
+        None if r is None else r["complete"])
     big = [r for r in rows if r["size_bytes"] >= 22 * MB and r["clients"] == 10]
     add("a 22 MB payload goes both ways intact (sha256 checked by the aggregator), 10 clients",
-        ", ".join(f"{r['clients']} clients x {r['rounds']} rounds {'intact' if r['complete'] else 'FAILED'}"
+        ", ".join(f"{r['transport']}: {r['rounds']} rounds {'intact' if r['complete'] else 'FAILED'}"
                   for r in big) or None,
         all(r["complete"] for r in big) if big else None)
     dead = live["dead_client"]
@@ -644,6 +691,13 @@ def evaluate_targets(result: dict) -> list[dict]:
     return out
 
 
+def _mosquitto_version() -> str:
+    from aggregator.mosquitto import mosquitto_binary
+
+    out = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout
+    return out.split("\n")[0].replace("mosquitto version", "").strip()
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -653,14 +707,16 @@ def write_results(out_dir: Path, result: dict) -> Path:
     (out_dir / "transport.json").write_text(json.dumps(result, indent=2) + "\n")
     live = result["liveness"]
     lines = [
-        f"# gRPC transport: round overhead without training ({result['date']}, {result['machine']}, "
-        f"grpcio {result['grpcio']}, Python {result['python']})",
+        f"# gRPC and MQTT transports: round overhead without training ({result['date']}, {result['machine']}, "
+        f"grpcio {result['grpcio']}, paho-mqtt {result.get('paho_mqtt')}, Python {result['python']})",
         "",
         "Echo rounds through the production Coordinator and gRPC server (benchmarks/transport.py): the aggregator "
         "sends random bytes, every client downloads them and uploads the same bytes back, the aggregator "
         "checks their sha256. No training, no torch in any process. Echo clients are threads with one "
-        "GrpcClientTransport and one TCP connection each, in the processes shown; everything runs on this machine "
-        "over loopback, in one run" + (" (--quick smoke run: tiny rows)" if result["quick"] else "") + ".",
+        "client transport and one TCP connection each, in the processes shown. MQTT rows go through a Mosquitto "
+        f"{result.get('mosquitto', '')} started for the row (QoS 1, artifacts as retained chunks, so every byte "
+        "crosses loopback twice: to the broker and from it). Everything runs on this machine over loopback, in "
+        "one run" + (" (--quick smoke run: tiny rows)" if result["quick"] else "") + ".",
         "",
         "Round = the coordinator's round open -> round close; median and max over rounds 2.. (round 1 warms the "
         "connections up). Throughput = payload both ways (2 x size x clients) / round. Wire = the loopback "
@@ -668,19 +724,21 @@ def write_results(out_dir: Path, result: dict) -> Path:
         "the payload bytes of all rounds; the counters include everything else on loopback at the time. "
         "MB = 2**20 bytes.",
         "",
-        "| clients | processes x threads | payload MB | rounds (timed) | median round s | max round s "
-        "| median MB/s | payload MB | wire MB | wire / payload | aggregator peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| transport | clients | processes x threads | payload MB | rounds (timed) | median round s | max round s "
+        "| median MB/s | payload MB | wire MB | wire / payload | aggregator peak RSS MB | broker peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         threads = "+".join(str(t) for t in r["threads_per_process"])
         wire = r["loopback_bytes"]
         lines.append(
-            f"| {r['clients']} | {threads} | {r['size_mb']:.3g} | {r['rounds']} ({r['timed_rounds']}) | "
+            f"| {r['transport']} | {r['clients']} | {threads} | {r['size_mb']:.3g} | "
+            f"{r['rounds']} ({r['timed_rounds']}) | "
             f"{_fmt(r['median_round_s'], '.3f')} | {_fmt(r['max_round_s'], '.3f')} | "
             f"{_fmt(r['median_throughput_mb_s'], ',.0f')} | {r['payload_bytes'] / MB:,.1f} | "
             f"{_fmt(wire / MB if wire is not None else None, ',.1f')} | {_fmt(r['loopback_over_payload'], '.3f')} | "
-            f"{r['aggregator_peak_rss_mb']:,.0f} |" + ("" if r["complete"] else " **incomplete**"))
+            f"{r['aggregator_peak_rss_mb']:,.0f} | {_fmt(r.get('broker_rss_mb'), ',.0f')} |"
+            + ("" if r["complete"] else " **incomplete**"))
     lines += ["", f"100 clients x 22 MB: {result['big_row']}.", ""]
     for r in result["rows"]:
         if not r["complete"] and r.get("offline_events"):
@@ -695,10 +753,11 @@ def write_results(out_dir: Path, result: dict) -> Path:
               "Where a round goes (medians over rounds 2.. and clients, seconds): dispatch = round open -> the "
               "client has its task (long poll wake-up); upload ends when the aggregator's reply is back; between "
               "rounds = one round's close -> the next one's open.", "",
-              "| clients | payload MB | dispatch | download | upload | between rounds |",
-              "|---|---|---|---|---|---|"]
+              "| transport | clients | payload MB | dispatch | download | upload | between rounds |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['clients']} | {r['size_mb']:.3g} | {_fmt(r['median_dispatch_s'], '.3f')} | "
+        lines.append(f"| {r['transport']} | {r['clients']} | {r['size_mb']:.3g} | "
+                     f"{_fmt(r['median_dispatch_s'], '.3f')} | "
                      f"{_fmt(r['median_download_s'], '.3f')} | {_fmt(r['median_upload_s'], '.3f')} | "
                      f"{_fmt(r['median_between_rounds_s'], '.3f')} |")
     first = live["first_round_after_quorum"]
@@ -744,10 +803,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     p = plan(args.quick)
     rows: list[dict] = []
 
-    def row(clients: int, procs: int, size: int, rounds: int) -> dict:
-        progress(f"{clients} clients ({procs} process{'es' if procs > 1 else ''}) x {ref_label(size)} x {rounds} "
-                 "rounds ...")
-        r = echo_row(clients, procs, size, rounds, args.verbose)
+    def row(clients: int, procs: int, size: int, rounds: int, transport: str = "grpc") -> dict:
+        progress(f"{transport}: {clients} clients ({procs} process{'es' if procs > 1 else ''}) x {ref_label(size)} x "
+                 f"{rounds} rounds ...")
+        r = echo_row(clients, procs, size, rounds, args.verbose, transport)
         state = "complete" if r["complete"] else f"INCOMPLETE ({'; '.join(r['errors'][:2]) or 'missing results'})"
         progress(f"  median round {_fmt(r['median_round_s'], '.3f')} s, max {_fmt(r['max_round_s'], '.3f')} s, "
                  f"{_fmt(r['median_throughput_mb_s'], ',.0f')} MB/s, wire/payload "
@@ -763,6 +822,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         progress(f"100 clients x 22 MB: {big_note}")
         if include:
             rows.append(row(*p.big))
+    for spec in p.mqtt_rows:
+        rows.append(row(*spec, transport="mqtt"))
 
     first = []
     for i in range(p.quorum_runs):
@@ -792,6 +853,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "cores": os.cpu_count(), "python": platform.python_version(), "grpcio": importlib.metadata.version("grpcio"),
+        "paho_mqtt": importlib.metadata.version("paho-mqtt"), "mosquitto": _mosquitto_version(),
         "quick": args.quick, "mb": MB, "torch_imported": False,
         "settings": {"round_timeout_s": ROUND_TIMEOUT_S, "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
                      "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, "poll_s": POLL_S,
@@ -822,6 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--start-when", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=900.0, help=argparse.SUPPRESS)
+    parser.add_argument("--transport", choices=("grpc", "mqtt"), default="grpc", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.role is not None:
