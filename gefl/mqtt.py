@@ -80,8 +80,8 @@ def parse_broker_url(text: str) -> BrokerUrl:
         raise GeflError(f"broker URL {text!r} is not valid: use mqtt://HOST:PORT or mqtts://HOST:PORT (TLS), "
                         "optionally followed by /FEDERATION")
     if parts.username or parts.password:
-        raise GeflError("put the MQTT username and password in --mqtt-user and --mqtt-password (or "
-                        "GEFL_MQTT_PASSWORD), not in the URL, where process listings show them")
+        raise GeflError("give the MQTT username with --mqtt-user and the password in GEFL_MQTT_PASSWORD, not in "
+                        "the URL, where process listings show them")
     try:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     except ValueError as exc:
