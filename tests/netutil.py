@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TOKEN = "test-enrolment-token"
+SHORT = {"num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2, "partition": {"samples_per_client": 200},
+         "train": {"local_epochs": 1}, "eval": {"every": 1},
+         "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}}
+"""A GeFL-F run of four rounds, one per phase and two head rounds: the networked simulations compare it
+with the in-process one."""
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The complete records of a run's metrics.jsonl (the aggregator may be writing the last one right now)."""
+    path = run / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def free_port() -> int:

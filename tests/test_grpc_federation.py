@@ -19,11 +19,7 @@ from gefl.config import config_from_dict
 from gefl.image_folder import write_split
 from gefl.wire import arrays_digest, decode_arrays
 
-from netutil import TOKEN, Process, free_port, wait_for
-
-SHORT = {"num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2, "partition": {"samples_per_client": 200},
-         "train": {"local_epochs": 1}, "eval": {"every": 1},
-         "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}}
+from netutil import SHORT, TOKEN, Process, free_port, read_metrics, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +34,6 @@ def _client(address: str, data: Path, name: str, tier: str = "cnn2", token: str 
                     "--name", name, "--threads", "1", "--give-up", "60"], env={"GEFL_TOKEN": token})
 
 
-def _metrics(run: Path) -> list[dict]:
-    """The complete records of metrics.jsonl (the aggregator may be writing the last one right now)."""
-    path = run / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-
-
 def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp_path):
     local = simulate(SHORT, out=tmp_path / "local", progress=None)
     from aggregator.local_federation import simulate_over_network
@@ -52,8 +41,8 @@ def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp
     remote = simulate_over_network(config_from_dict(SHORT), "grpc", out=tmp_path / "grpc", progress=None)
     assert abs(remote["mean_best_acc"] - local["mean_best_acc"]) <= 0.5
     # Same ids, shards, seeds and summation order: the rounds are the same computation.
-    losses = [m["loss"] for m in _metrics(tmp_path / "local")]
-    assert [m["loss"] for m in _metrics(tmp_path / "grpc")] == pytest.approx(losses, rel=1e-5)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "local")]
+    assert [m["loss"] for m in read_metrics(tmp_path / "grpc")] == pytest.approx(losses, rel=1e-5)
     best = {t: s["best_acc"] for t, s in local["tiers"].items()}
     assert {t: s["best_acc"] for t, s in remote["tiers"].items()} == best
     assert remote["bytes_per_client_per_round"] == local["bytes_per_client_per_round"]
@@ -85,13 +74,13 @@ def test_dead_and_frozen_clients_never_stall_a_round_and_come_back(tmp_path, sha
         clients[2].proc.send_signal(signal.SIGKILL)
         wait_for(lambda: 2 in coordinator.round_closed, 10, "round 2 to close without the dead client")
         assert coordinator.round_closed[2] - killed_at < 5.0
-        wait_for(lambda: len(_metrics(tmp_path / "state")) >= 2, 30, "round 2's metrics")
-        assert _metrics(tmp_path / "state")[1]["dropped"] == [dead]
+        wait_for(lambda: len(read_metrics(tmp_path / "state")) >= 2, 30, "round 2's metrics")
+        assert read_metrics(tmp_path / "state")[1]["dropped"] == [dead]
         assert any(f"client {dead} (board-2) is offline" in m for _, m in log)
 
         # Restarted under the same name, it gets its id back and trains again in a later round.
         clients[2] = _client(address, shards / "client-002", "board-2")
-        wait_for(lambda: any(dead in m["contributors"] for m in _metrics(tmp_path / "state")[2:]), 90,
+        wait_for(lambda: any(dead in m["contributors"] for m in read_metrics(tmp_path / "state")[2:]), 90,
                  "the restarted client to contribute")
         assert len(coordinator.clients) == 3
 
@@ -103,8 +92,8 @@ def test_dead_and_frozen_clients_never_stall_a_round_and_come_back(tmp_path, sha
         stopped_at = time.monotonic()
         wait_for(lambda: frozen_round in coordinator.round_closed, 15, "the round to close without the frozen client")
         assert coordinator.round_closed[frozen_round] - stopped_at < 5.0
-        wait_for(lambda: len(_metrics(tmp_path / "state")) >= frozen_round, 30, f"round {frozen_round}'s metrics")
-        record = next(m for m in _metrics(tmp_path / "state") if m["round"] == frozen_round)
+        wait_for(lambda: len(read_metrics(tmp_path / "state")) >= frozen_round, 30, f"round {frozen_round}'s metrics")
+        record = next(m for m in read_metrics(tmp_path / "state") if m["round"] == frozen_round)
         assert record["dropped"] == [frozen]
         assert any(f"client {frozen} (board-1) is offline: no heartbeat" in m for _, m in log)
 
@@ -112,7 +101,7 @@ def test_dead_and_frozen_clients_never_stall_a_round_and_come_back(tmp_path, sha
         clients[1].proc.send_signal(signal.SIGCONT)
         clients[1].wait_line(f"round {frozen_round}: result not counted", 30)
         assert any(f"round {frozen_round}: upload from client {frozen}" in m and "too late" in m for _, m in log)
-        wait_for(lambda: any(frozen in m["contributors"] for m in _metrics(tmp_path / "state")
+        wait_for(lambda: any(frozen in m["contributors"] for m in read_metrics(tmp_path / "state")
                              if m["round"] > frozen_round), 60, "the thawed client to contribute again")
     finally:
         coordinator.stopping.set()
@@ -136,7 +125,7 @@ def test_aggregator_killed_with_sigkill_resumes_with_the_same_weights_and_loses_
                enumerate(["cnn2", "cnn3"])]
     restarted = None
     try:
-        wait_for(lambda: len(_metrics(state)) >= 3, 120, "three rounds")
+        wait_for(lambda: len(read_metrics(state)) >= 3, 120, "three rounds")
         aggregator.proc.send_signal(signal.SIGKILL)
         aggregator.wait(10)
         checkpoint = decode_arrays((state / "checkpoint.safetensors").read_bytes())
@@ -158,9 +147,9 @@ def test_aggregator_killed_with_sigkill_resumes_with_the_same_weights_and_loses_
         for client in clients:
             assert client.wait(60) == 0, client.output
             assert "the run is finished" in client.output
-        rounds = [m["round"] for m in _metrics(state)]
+        rounds = [m["round"] for m in read_metrics(state)]
         assert rounds == list(range(1, 9))  # every round once: none lost, none counted twice
-        assert all(len(m["contributors"]) == 2 for m in _metrics(state))
+        assert all(len(m["contributors"]) == 2 for m in read_metrics(state))
         summary = json.loads((state / "summary.json").read_text())
         assert summary["rounds"] == 8 and set(summary["tiers"]) == {"cnn2", "cnn3"}
         assert summary["mean_best_acc"] > 50

@@ -4,9 +4,6 @@ broker is killed and restarted mid-run."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from aggregator.local_federation import simulate_over_network
@@ -15,24 +12,14 @@ from gefl import simulate
 from gefl.config import config_from_dict
 from gefl.image_folder import write_split
 
-from netutil import TOKEN, Process, free_port, wait_for
-
-SHORT = {"name": "short-mqtt", "num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2,
-         "partition": {"samples_per_client": 200}, "train": {"local_epochs": 1}, "eval": {"every": 1},
-         "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}}
-
-
-def _metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+from netutil import SHORT, TOKEN, Process, free_port, read_metrics, wait_for
 
 
 def test_simulate_over_mqtt_computes_what_the_in_process_simulation_computes(tmp_path):
     local = simulate(SHORT, out=tmp_path / "local", progress=None)
     remote = simulate_over_network(config_from_dict(SHORT), "mqtt", out=tmp_path / "mqtt", progress=None)
-    losses = [m["loss"] for m in _metrics(tmp_path / "local")]
-    assert [m["loss"] for m in _metrics(tmp_path / "mqtt")] == pytest.approx(losses, rel=1e-5)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "local")]
+    assert [m["loss"] for m in read_metrics(tmp_path / "mqtt")] == pytest.approx(losses, rel=1e-5)
     best = {t: s["best_acc"] for t, s in local["tiers"].items()}
     assert {t: s["best_acc"] for t, s in remote["tiers"].items()} == best
     assert remote["bytes_per_client_per_round"] == local["bytes_per_client_per_round"]
@@ -57,9 +44,9 @@ def test_grpc_and_mqtt_clients_share_a_federation_through_a_broker_restart(tmp_p
                         "--tier", ["cnn2", "cnn3"][i % 2], "--name", f"board-{i}", "--threads", "1",
                         "--give-up", "120"], env={"GEFL_TOKEN": TOKEN}) for i, address in enumerate(addresses)]
     try:
-        wait_for(lambda: len(_metrics(state)) >= 3, 180, "three rounds")
+        wait_for(lambda: len(read_metrics(state)) >= 3, 180, "three rounds")
         broker.kill()
-        killed_after = len(_metrics(state))
+        killed_after = len(read_metrics(state))
         wait_for(lambda: all("lost the connection" in c.output for c in clients[1::2]), 30,
                  "the MQTT clients to notice")
         broker.start()  # same port, empty: no sessions, no retained messages
@@ -76,7 +63,7 @@ def test_grpc_and_mqtt_clients_share_a_federation_through_a_broker_restart(tmp_p
     names = {line.split("registered: ")[1].split(",")[0]: int(line.split("client ")[1].split(" ")[0])
              for line in aggregator.output.splitlines() if " registered: board-" in line}
     assert sorted(names) == [f"board-{i}" for i in range(4)]
-    records = _metrics(state)
+    records = read_metrics(state)
     assert [r["round"] for r in records] == list(range(1, rounds + 1))  # every round once
     for r in records:  # gRPC and MQTT clients in every round, each result counted once
         assert r["contributors"] == sorted(names.values()) and r["dropped"] == [], r
