@@ -40,8 +40,6 @@ from gefl.wire import arrays_digest, decode_arrays, encode_arrays, sha256
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = 1
-MAX_NAME = 128
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Say = Callable[[str], None]
@@ -168,8 +166,8 @@ class Coordinator:
             raise Refused(p.FAILED_PRECONDITION, f"protocol version {request.protocol_version} is not supported; "
                           f"this aggregator speaks version {p.PROTOCOL_VERSION}: upgrade gefl-edge on the device")
         name = request.name
-        if not (0 < len(name) <= MAX_NAME and _NAME.match(name)):
-            raise Refused(p.INVALID_ARGUMENT, f"client name {name[:MAX_NAME]!r} is not valid: use 1-{MAX_NAME} "
+        if not p.valid_client_name(name):
+            raise Refused(p.INVALID_ARGUMENT, f"client name {name[:p.MAX_NAME]!r} is not valid: use 1-{p.MAX_NAME} "
                           "letters, digits and ._:@- (for example the hostname)")
         if not 0 < request.num_samples <= 10**9:
             raise Refused(p.INVALID_ARGUMENT, f"num_samples must be positive, got {request.num_samples}: "

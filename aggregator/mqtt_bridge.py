@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from aggregator.coordinator import Client, Coordinator
 from gefl import mqtt as m
 from gefl.errors import GeflError
-from gefl.protocol import PROTOCOL_VERSION, Refused, RegisterRequest, TaskInfo, UploadHeader
+from gefl.protocol import PROTOCOL_VERSION, Refused, RegisterRequest, TaskInfo, UploadHeader, valid_client_name
 from gefl.wire import CHUNK_BYTES, chunks
 
 QUEUE_SIZE = 256
@@ -160,7 +160,7 @@ class MqttBridge:
         what = "registration"
         msg = m.decode_json(payload, what)
         name = m.field(msg, "name", str, what)
-        if not m.valid_name(name):
+        if not valid_client_name(name):
             raise m.Malformed(f"{what}: client name {name[:64]!r} cannot be a topic level")
         request_id = m.field(msg, "request_id", str, what)[:64]
         histogram = msg.get("label_histogram", [])

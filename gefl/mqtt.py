@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from gefl.errors import GeflError
+from gefl.protocol import valid_client_name
 from gefl.wire import CHUNK_BYTES
 
 if TYPE_CHECKING:  # paho is imported by Connection only: parsing URLs and messages does not need it
@@ -48,7 +49,6 @@ MAX_FRAME_BYTES = CHUNK_BYTES + MAX_FRAME_HEADER
 KEEPALIVE_S = 10
 """MQTT keepalive: the broker publishes a vanished client's last will within 1.5 x this."""
 _FEDERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
 
 
 class Malformed(GeflError):
@@ -137,14 +137,9 @@ class Topics:
         """(name, kind) of a per-client topic."""
         prefix = f"{self.root}/client/"
         name, _, kind = topic[len(prefix):].partition("/")
-        if not topic.startswith(prefix) or not _NAME.match(name) or "/" in kind:
+        if not topic.startswith(prefix) or not valid_client_name(name) or "/" in kind:
             raise Malformed(f"{topic} is not a client topic")
         return name, kind
-
-
-def valid_name(name: str) -> bool:
-    """Whether a client name can be a topic level (the coordinator's own rule is the same and stricter on length)."""
-    return bool(_NAME.match(name)) and len(name) <= 128
 
 
 # ---------------------------------------------------------------------------------------- messages

@@ -8,11 +8,20 @@ Numpy-only: no torch, so transports and the benchmark's echo clients stay light.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from gefl.errors import GeflError
 
 PROTOCOL_VERSION = 1
+
+MAX_NAME = 128
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+
+
+def valid_client_name(name: str) -> bool:
+    """1-128 letters, digits and ._:@- (a hostname fits): safe in logs, file names and MQTT topic levels."""
+    return 0 < len(name) <= MAX_NAME and bool(_NAME.match(name))
 
 WAIT, TRAIN, FINISHED = "wait", "train", "finished"
 """Task statuses: nothing for this client yet, a round to train, the run is over."""
