@@ -81,9 +81,7 @@ class TrainingLogic:
         self._round_started = time.monotonic()
 
     def artifacts(self, info: RoundInfo, tier: str) -> dict[str, bytes]:
-        out = {"model": encode_state(self.state.models[tier])}
-        if self.state.generator is not None:
-            out["generator"] = encode_state(self.state.generator)
+        out = self.algorithm.round_artifacts(info, self.state, tier)
         self._limits[tier] = len(out[self.upload_name(info.phase)]) + UPLOAD_SLACK
         if tier not in self.used_tiers:
             self.used_tiers.append(tier)

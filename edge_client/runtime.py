@@ -167,8 +167,7 @@ class ClientRuntime:
         except Refused as exc:
             self.say(f"round {task.round}: {exc}")
             return
-        client_task = ClientTask(task.round, task.phase, reg.client_id, task.tier, task.seed, arts["model"],
-                                 arts.get("generator"))
+        client_task = ClientTask.from_artifacts(task.round, task.phase, reg.client_id, task.tier, task.seed, arts)
         result = algorithm.client_step(client_task, split, num_classes)
         header = UploadHeader(task.round, task.phase, task.upload_name, len(result.state), sha256(result.state),
                               result.num_samples, result.loss)

@@ -15,12 +15,12 @@ import torch
 
 from gefl.aggregation import StateDict, Update, fedavg, lg_fedavg, nonfinite_entries, per_architecture
 from gefl.config import Config
-from gefl.data import Split
+from gefl.data import IMAGE_SIZE, Split
 from gefl.errors import GeflError, unknown_name
-from gefl.federation import Phase
-from gefl.generators import FeatureGenerator, build_generator
+from gefl.federation import Phase, RoundInfo
+from gefl.generators import FEATURE, IMAGE, Generator, build_generator
 from gefl.models import FE_CHANNELS, TierNet, get_model
-from gefl.training import extract_features, train_epochs, train_generator, train_on_generated
+from gefl.training import extract_features, predict_proba, train_epochs, train_generator, train_on_generated
 from gefl.wire import decode_state, encode_state
 
 WARMUP, TRAIN, GENERATOR, HEAD = "warmup", "train", "generator", "head"
@@ -37,6 +37,15 @@ class ClientTask:
     seed: int
     model: bytes
     generator: bytes | None = None
+    teachers: bytes | None = None
+    """AvgKD: the other tiers' models, as one state dict with keys '<tier>/<entry>'."""
+
+    @classmethod
+    def from_artifacts(cls, round: int, phase: str, client_id: int, tier: str, seed: int,
+                       artifacts: dict[str, bytes]) -> ClientTask:
+        """A task from the artifacts `Algorithm.round_artifacts` made for the client's tier."""
+        return cls(round, phase, client_id, tier, seed, artifacts["model"], artifacts.get("generator"),
+                   artifacts.get("teachers"))
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,6 @@ class Algorithm:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.feature_shape = (FE_CHANNELS, 16, 16)
 
     def prox_mu(self) -> float:
         return 0.0
@@ -76,6 +84,10 @@ class Algorithm:
     def prepare_round(self, phase: str, state: GlobalState, num_classes: int) -> GlobalState:
         """Server-side set-up before a round's tasks go out; most algorithms need none."""
         return state
+
+    def round_artifacts(self, info: RoundInfo, state: GlobalState, tier: str) -> dict[str, bytes]:
+        """What a client of `tier` downloads for the round, by artifact name, as it travels."""
+        return {"model": encode_state(state.models[tier])}
 
     def init_state(self, tiers: list[str], in_channels: int, num_classes: int) -> GlobalState:
         torch.manual_seed(self.cfg.seed)
@@ -143,6 +155,42 @@ class FedProx(FedAvg):
         return self.cfg.train.prox_mu
 
 
+class AvgKD(FedAvg):
+    """AvgKD (Afonin and Karimireddy, 2022), for many tiers: each client trains on targets that
+    average its true labels with the other tiers' predictions on its own data, so architectures
+    that share no weights still learn from each other, without any public data. Models are
+    averaged per architecture. In the first round there is nothing to distil yet."""
+
+    name = "avgkd"
+
+    def round_artifacts(self, info: RoundInfo, state: GlobalState, tier: str) -> dict[str, bytes]:
+        out = super().round_artifacts(info, state, tier)
+        if info.number > 1 and len(state.models) > 1:
+            out["teachers"] = encode_state({f"{t}/{k}": v for t, sd in state.models.items() if t != tier
+                                            for k, v in sd.items()})
+        return out
+
+    def client_step(self, task: ClientTask, data: Split, num_classes: int) -> ClientResult:
+        if task.teachers is None:
+            return super().client_step(task, data, num_classes)
+        torch.manual_seed(task.seed)
+        rng = torch.Generator().manual_seed(task.seed)
+        teachers: dict[str, StateDict] = {}
+        for key, value in decode_state(task.teachers).items():
+            tier, _, entry = key.partition("/")
+            teachers.setdefault(tier, {})[entry] = value
+        predictions = []
+        for tier, sd in teachers.items():
+            teacher = get_model(tier, data.images.shape[1], num_classes).to(data.images.device)
+            teacher.load_state_dict(sd)
+            predictions.append(predict_proba(teacher, data.images))
+        onehot = torch.nn.functional.one_hot(data.labels, num_classes).float()
+        targets = 0.5 * onehot + 0.5 * torch.stack(predictions).mean(0)
+        model = self._model(task, data, num_classes)
+        loss = train_epochs(model, data.images, targets, self.cfg.train, rng)
+        return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
+
+
 class LGFedAvg(Algorithm):
     """LG-FedAvg: the common FE is averaged over all clients, heads within each tier."""
 
@@ -160,11 +208,135 @@ class LGFedAvg(Algorithm):
         return GlobalState(models, state.generator)
 
 
-class GeFLF(LGFedAvg):
+def generated_shape(level: str, in_channels: int) -> tuple[int, int, int]:
+    """What a generator of this level produces: images (GeFL) or the FE's features (GeFL-F)."""
+    return (in_channels, IMAGE_SIZE, IMAGE_SIZE) if level == IMAGE else (FE_CHANNELS, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+
+
+class GeneratorAlgorithm(LGFedAvg):
+    """What GeFL and GeFL-F share: a federated conditional generator (created when its phase
+    begins, averaged over every client, travelling as `wire_dtype`) and classifier rounds that
+    train on generated samples as well as on real data."""
+
+    level = ""
+
+    def generator_shape(self, in_channels: int) -> tuple[int, int, int]:
+        return generated_shape(self.level, in_channels)
+
+    def new_generator(self, in_channels: int, num_classes: int) -> Generator:
+        g = self.cfg.gefl.generator
+        return build_generator(g.family, self.generator_shape(in_channels), num_classes, g.preset, g.options)
+
+    def init_state(self, tiers: list[str], in_channels: int, num_classes: int) -> GlobalState:
+        self.in_channels = in_channels
+        return super().init_state(tiers, in_channels, num_classes)
+
+    def prepare_round(self, phase: str, state: GlobalState, num_classes: int) -> GlobalState:
+        """The generator is created when its phase begins (GeFL-F: its input is the frozen FE's output)."""
+        if phase == GENERATOR and state.generator is None:
+            torch.manual_seed(self.cfg.seed + 1)
+            return GlobalState(state.models, self.new_generator(self.in_channels, num_classes).state_dict())
+        return state
+
+    # -- the generator on the wire -----------------------------------------------------------
+    def _wire_dtype(self) -> torch.dtype:
+        return torch.float16 if self.cfg.gefl.generator.wire_dtype == "float16" else torch.float32
+
+    def generator_wire(self, state: StateDict) -> StateDict:
+        """The generator as it travels: floating entries in `wire_dtype`, counters as they are."""
+        dtype = self._wire_dtype()
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+    def round_artifacts(self, info: RoundInfo, state: GlobalState, tier: str) -> dict[str, bytes]:
+        out = super().round_artifacts(info, state, tier)
+        if state.generator is not None:
+            out["generator"] = self.encode_generator(state.generator)
+        return out
+
+    def encode_generator(self, state: StateDict) -> bytes:
+        return encode_state(self.generator_wire(state))
+
+    def decode_generator(self, data: bytes) -> StateDict:
+        """Received generator weights, back in float32 for training and averaging."""
+        return {k: v.float() if v.is_floating_point() else v for k, v in decode_state(data).items()}
+
+    def check_result(self, result: ClientResult, state: GlobalState) -> None:
+        if result.phase == GENERATOR and state.generator is not None:
+            state = GlobalState(state.models, self.generator_wire(state.generator))
+        super().check_result(result, state)
+
+    # -- client side -------------------------------------------------------------------------
+    def _client_generator(self, task: ClientTask, data: Split, num_classes: int) -> Generator:
+        generator = self.new_generator(data.images.shape[1], num_classes).to(data.images.device)
+        if task.generator is not None:
+            generator.load_state_dict(self.decode_generator(task.generator))
+        return generator
+
+    def _train_generator(self, task: ClientTask, generator: Generator, x: torch.Tensor, labels: torch.Tensor,
+                         rng: torch.Generator) -> ClientResult:
+        g = self.cfg.gefl.generator
+        opt = torch.optim.Adam(generator.parameters(), lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay)
+        loss = train_generator(generator, x, labels, g.local_epochs, self.cfg.train.batch_size, opt, rng)
+        return ClientResult(task.client_id, task.tier, task.phase, self.encode_generator(generator.state_dict()),
+                            len(labels), loss)
+
+    def _train_classifier(self, module: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                          generator: Generator | None, num_classes: int, rng: torch.Generator) -> float:
+        """`generated_passes` passes on generated samples, then the local epochs on real data,
+        with `generated_mix` of each batch generated."""
+        g, train = self.cfg.gefl, self.cfg.train
+        if generator is None:
+            return train_epochs(module, x, labels, train, rng)
+        generator.eval()
+        if g.generated_passes > 0:
+            batches = g.generated_passes * max(1, len(labels) // train.batch_size)
+            train_on_generated(module, generator, batches, num_classes, train, rng)
+        mix = round(g.generated_mix * train.batch_size)
+        extra = None
+        if mix > 0:
+            def extra() -> tuple[torch.Tensor, torch.Tensor]:
+                y = torch.randint(num_classes, (mix,), generator=rng).to(x.device)
+                with torch.no_grad():
+                    return generator.sample(y), y
+        return train_epochs(module, x, labels, train, rng, extra=extra)
+
+    # -- server side -------------------------------------------------------------------------
+    def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:
+        if phase == GENERATOR:
+            weights = [r.num_samples for r in results] if self.cfg.aggregation.weighted else None
+            return GlobalState(state.models, fedavg([self.decode_generator(r.state) for r in results], weights))
+        return super().aggregate(phase, state, results)
+
+
+class GeFL(GeneratorAlgorithm):
+    """GeFL (image level): a federated conditional generator of images first, then classifier
+    rounds in which each client trains its whole network on generated and real images. As in
+    the reference, the common FE is averaged over all clients and the rest per architecture."""
+
+    name = "gefl"
+    level = IMAGE
+
+    def phases(self) -> list[Phase]:
+        return [Phase(GENERATOR, self.cfg.gefl.generator_rounds, False), Phase(TRAIN, self.cfg.rounds, True)]
+
+    def client_step(self, task: ClientTask, data: Split, num_classes: int) -> ClientResult:
+        torch.manual_seed(task.seed)
+        rng = torch.Generator().manual_seed(task.seed)
+        generator = self._client_generator(task, data, num_classes) if task.generator is not None else None
+        if task.phase == GENERATOR:
+            assert generator is not None
+            return self._train_generator(task, generator, data.images, data.labels, rng)
+        model = self._model(task, data, num_classes)
+        loss = self._train_classifier(model, data.images, data.labels, generator, num_classes, rng)
+        return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
+
+
+class GeFLF(GeneratorAlgorithm):
     """GeFL-F: LG-FedAvg warm-up, then a federated generator of FE features with the FE frozen,
-    then head rounds on generated features (one pass) and real features (local epochs)."""
+    then head rounds on generated and real features."""
 
     name = "gefl-f"
+    level = FEATURE
 
     def phases(self) -> list[Phase]:
         g = self.cfg.gefl
@@ -174,54 +346,29 @@ class GeFLF(LGFedAvg):
             Phase(HEAD, self.cfg.rounds, True),
         ]
 
-    def new_generator(self, num_classes: int) -> FeatureGenerator:
-        g = self.cfg.gefl.generator
-        return build_generator(
-            g.family, self.feature_shape, num_classes, g.preset, widths=g.widths, latent=g.latent
-        )
-
-    def prepare_round(self, phase: str, state: GlobalState, num_classes: int) -> GlobalState:
-        """The generator is created when its phase begins: its shape depends on the frozen FE's output."""
-        if phase == GENERATOR and state.generator is None:
-            torch.manual_seed(self.cfg.seed + 1)
-            return GlobalState(state.models, self.new_generator(num_classes).state_dict())
-        return state
-
     def client_step(self, task: ClientTask, data: Split, num_classes: int) -> ClientResult:
         if task.phase == WARMUP:
-            return super().client_step(task, data, num_classes)
+            return LGFedAvg.client_step(self, task, data, num_classes)
         torch.manual_seed(task.seed)
         rng = torch.Generator().manual_seed(task.seed)
         model = self._model(task, data, num_classes)
         features = extract_features(model.fe, data.images)  # the FE is frozen from here on
-        generator = self.new_generator(num_classes).to(data.images.device)
-        if task.generator is not None:
-            generator.load_state_dict(decode_state(task.generator))
+        generator = self._client_generator(task, data, num_classes) if task.generator is not None else None
         if task.phase == GENERATOR:
-            g = self.cfg.gefl.generator
-            opt = torch.optim.Adam(generator.parameters(), lr=g.lr, weight_decay=g.weight_decay)
-            batch = self.cfg.train.batch_size
-            loss = train_generator(generator, features, data.labels, g.local_epochs, batch, opt, rng)
-            state = encode_state(generator.state_dict())
-            return ClientResult(task.client_id, task.tier, task.phase, state, len(data), loss)
-        # HEAD: one pass on generated features, then local epochs on real ones; FE untouched.
-        passes = self.cfg.gefl.generated_passes
-        if passes > 0 and task.generator is not None:
-            num_batches = passes * max(1, len(data) // self.cfg.train.batch_size)
-            train_on_generated(model.head, generator, num_batches, num_classes, self.cfg.train, rng)
-        loss = train_epochs(model.head, features, data.labels, self.cfg.train, rng)
+            assert generator is not None
+            return self._train_generator(task, generator, features, data.labels, rng)
+        loss = self._train_classifier(model.head, features, data.labels, generator, num_classes, rng)
         return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
 
     def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:
-        if phase == WARMUP:
-            return super().aggregate(phase, state, results)
-        if phase == GENERATOR:
-            weights = [r.num_samples for r in results] if self.cfg.aggregation.weighted else None
-            return GlobalState(state.models, fedavg([decode_state(r.state) for r in results], weights))
-        return Algorithm.aggregate(self, phase, state, results)
+        if phase == HEAD:  # heads per architecture; the frozen FE is the same in every result
+            return Algorithm.aggregate(self, phase, state, results)
+        return super().aggregate(phase, state, results)
 
 
-ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, LGFedAvg, GeFLF)}
+ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, AvgKD, LGFedAvg, GeFL, GeFLF)}
+GENERATOR_LEVEL: dict[str, str] = {GeFL.name: IMAGE, GeFLF.name: FEATURE}
+"""Which generator families each generator-based algorithm takes."""
 
 
 def make_algorithm(cfg: Config) -> Algorithm:

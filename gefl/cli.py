@@ -127,7 +127,8 @@ def _list(args: argparse.Namespace) -> int:
     print("tiers:       " + ", ".join(f"{t} ({count_parameters(get_model(t)):,} params)" for t in list_tiers()))
     print("datasets:    " + ", ".join(list_datasets()))
     print("algorithms:  " + ", ".join(ALGORITHMS))
-    print("generators:  " + ", ".join(list_generators()))
+    print("generators:  images (gefl): " + ", ".join(list_generators("image"))
+          + "; FE features (gefl-f): " + ", ".join(list_generators("feature")))
     return 0
 
 
@@ -169,6 +170,15 @@ def _export(args: argparse.Namespace) -> int:
 
     tiers = None if args.tiers in (None, "all") else [t.strip() for t in args.tiers.split(",") if t.strip()]
     export_run(args.run_dir, args.out, tiers=tiers, quantize_mode=args.quantize, data_dir=args.data_dir)
+    return 0
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from gefl.samples import render_samples
+
+    if args.per_class < 1:
+        raise GeflError(f"--per-class must be at least 1, got {args.per_class}")
+    print(f"wrote {render_samples(args.run_dir, args.out, args.per_class, args.seed, args.data_dir)}")
     return 0
 
 
@@ -264,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default), dynamic (linear layers only), or none")
     exp.add_argument("--data-dir", metavar="DIR", help="where the run's dataset is (default: the run's data_dir)")
     exp.set_defaults(func=_export)
+
+    smp = sub.add_parser(
+        "samples",
+        help="draw what a run's generator learned (a PNG grid per class)",
+        description="Write a PNG with one row per class: generated images (gefl runs), or generated FE feature maps "
+        "beside real ones from the run's frozen FE on test images (gefl-f runs), on one colour scale.",
+    )
+    smp.add_argument("run_dir", metavar="RUN_DIR", help="a gefl or gefl-f run directory (it has weights/generator.*)")
+    smp.add_argument("--out", "-o", metavar="PNG", help="where to write the picture (default RUN_DIR/samples.png)")
+    smp.add_argument("--per-class", type=int, default=8, metavar="N", help="samples per class (default 8)")
+    smp.add_argument("--seed", type=int, default=0, help="random seed of the drawn samples (default 0)")
+    smp.add_argument("--data-dir", metavar="DIR", help="where the run's dataset is, for real features (gefl-f)")
+    smp.set_defaults(func=_samples)
 
     inf = sub.add_parser(
         "infer",

@@ -44,21 +44,32 @@ class TrainConfig:
 @dataclass
 class GeneratorConfig:
     family: str = "cvae-f"
+    """A registered family (`gefl list`): feature-level (-f) for gefl-f, image-level for gefl."""
     preset: str | None = "small"
-    widths: list[int] | None = None
-    """Overrides the preset's widths."""
-    latent: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """Family-specific overrides of the preset, for example {widths: [16, 32, 64], latent: 8}."""
     lr: float = 1e-3
     weight_decay: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's betas (DCGAN trains with [0.5, 0.999])."""
     local_epochs: int = 5
+    wire_dtype: str = "float16"
+    """How generator weights travel, both ways: float16 halves the bytes; the aggregator averages
+    and keeps them in float32."""
 
 
 @dataclass
 class GeflConfig:
+    """The generator-based algorithms' schedule (gefl-f: warm-up, generator, head; gefl: generator, train)."""
+
     warmup_rounds: int = 20
     generator_rounds: int = 100
     generated_passes: int = 1
-    """Passes over generated features per head round (each pass as many batches as local data)."""
+    """Passes over generated data before the local epochs on real data, per round (each pass as
+    many batches as the client's data)."""
+    generated_mix: float = 0.0
+    """Generated samples added to every batch of real data in the local epochs, as a fraction of
+    the batch size (0 = none)."""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
@@ -96,7 +107,7 @@ class Config:
     data_dir: str | None = None
     seed: int = 0
     algorithm: str = "gefl-f"
-    """fedavg | fedprox | lg-fedavg | gefl-f"""
+    """fedavg | fedprox | lg-fedavg | avgkd | gefl | gefl-f"""
     num_clients: int = 10
     tiers: list[str] = field(default_factory=lambda: list(PAPER_TIERS))
     """Client i trains tiers[i % len(tiers)]."""
@@ -139,6 +150,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             except GeflError as exc:
                 errors.append(exc)
         raise errors[0] if errors else GeflError(f"config key {key!r} may not be null")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise GeflError(f"config key {key!r} must be a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list | tuple):
             raise GeflError(f"config key {key!r} must be a list, got {value!r}")
@@ -194,10 +209,10 @@ def _positive(key: str, value: float) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range checks and name checks that need the registries."""
-    from gefl.algorithms import ALGORITHMS
+    from gefl.algorithms import ALGORITHMS, GENERATOR_LEVEL
     from gefl.data import PARTITIONS, list_datasets
     from gefl.errors import unknown_name
-    from gefl.generators import list_generators
+    from gefl.generators import generator_options, list_generators
     from gefl.models import list_tiers
 
     if cfg.algorithm not in ALGORITHMS:
@@ -211,8 +226,17 @@ def validate(cfg: Config) -> Config:
             raise unknown_name("tier", tier, list_tiers())
     if cfg.partition.kind not in PARTITIONS:
         raise unknown_name("partition", cfg.partition.kind, PARTITIONS)
-    if cfg.gefl.generator.family not in list_generators():
-        raise unknown_name("generator family", cfg.gefl.generator.family, list_generators())
+    gen = cfg.gefl.generator
+    if cfg.algorithm in GENERATOR_LEVEL:
+        level = GENERATOR_LEVEL[cfg.algorithm]
+        if gen.family not in list_generators(level):
+            raise unknown_name(f"{level}-level generator family (for {cfg.algorithm})", gen.family,
+                               list_generators(level))
+        generator_options(gen.family, gen.preset, gen.options)
+    if gen.wire_dtype not in ("float16", "float32"):
+        raise GeflError(f"config key 'gefl.generator.wire_dtype' must be float16 or float32, got {gen.wire_dtype!r}")
+    if len(gen.betas) != 2 or not all(0 <= b < 1 for b in gen.betas):
+        raise GeflError(f"config key 'gefl.generator.betas' must be two numbers in [0, 1), got {gen.betas}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise GeflError(f"config key 'device' must be auto, cpu or cuda, got {cfg.device!r}")
     for key, value in [
@@ -226,7 +250,10 @@ def validate(cfg: Config) -> Config:
         _positive(key, value)
     for key, value in [
         ("gefl.warmup_rounds", cfg.gefl.warmup_rounds), ("gefl.generator_rounds", cfg.gefl.generator_rounds),
-        ("gefl.generated_passes", cfg.gefl.generated_passes), ("train.momentum", cfg.train.momentum),
+        ("gefl.generated_passes", cfg.gefl.generated_passes),
+        ("gefl.generated_mix", cfg.gefl.generated_mix),
+        ("gefl.generator.lr", cfg.gefl.generator.lr), ("gefl.generator.weight_decay", cfg.gefl.generator.weight_decay),
+        ("gefl.generator.local_epochs", cfg.gefl.generator.local_epochs), ("train.momentum", cfg.train.momentum),
         ("train.weight_decay", cfg.train.weight_decay), ("train.prox_mu", cfg.train.prox_mu),
     ]:
         if value < 0:

@@ -24,6 +24,7 @@ from gefl.errors import GeflError
 if TYPE_CHECKING:
     from gefl.algorithms import GlobalState
     from gefl.data import Dataset
+    from gefl.generators import Generator
 
 
 class RunDir:
@@ -107,8 +108,50 @@ class RunDir:
         if state.generator is not None:
             g = cfg.gefl.generator
             save_file({k: v.contiguous() for k, v in state.generator.items()}, weights / "generator.safetensors",
-                      metadata={**common, "family": g.family, "preset": str(g.preset),
-                                "widths": json.dumps(g.widths), "latent": json.dumps(g.latent)})
+                      metadata={**common, "family": g.family, "preset": json.dumps(g.preset),
+                                "options": json.dumps(g.options)})
+
+
+def load_generator(path: str | Path, family: str | None = None) -> tuple[Generator, dict[str, str]]:
+    """A trained generator from a run directory or a generator.safetensors file, and its metadata.
+
+    The file says which family, preset and options built it, so the generator is rebuilt from
+    that and the weights are checked against it entry by entry: a file from another family or
+    preset, a truncated or corrupted file, or (with `family`) a generator of an unexpected family
+    fails with what does not match, never with a half-loaded model.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from gefl.generators import build_generator, check_generator_state, generator_spec
+
+    path = Path(path)
+    file = path / "weights" / "generator.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise GeflError(f"{file} does not exist: is {path} the run directory of a gefl or gefl-f run "
+                        "that reached its generator phase?")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GeflError(f"{file} is not a readable generator checkpoint (corrupted or truncated?): {exc}") from exc
+    missing = [k for k in ("family", "preset", "options", "in_channels", "num_classes") if k not in meta]
+    if missing:
+        raise GeflError(f"{file} lacks the metadata {', '.join(missing)}: it was not written by this version of gefl")
+    if family is not None and meta["family"] != family:
+        raise GeflError(f"{file} holds a {meta['family']!r} generator, expected {family!r}")
+    try:
+        preset, options = json.loads(meta["preset"]), json.loads(meta["options"])
+        in_channels, num_classes = int(meta["in_channels"]), int(meta["num_classes"])
+    except ValueError as exc:
+        raise GeflError(f"{file}: unreadable metadata ({exc})") from exc
+    from gefl.algorithms import generated_shape
+
+    spec = generator_spec(meta["family"])
+    generator = build_generator(spec.family, generated_shape(spec.level, in_channels), num_classes, preset, options)
+    check_generator_state(generator, state, str(file))
+    generator.load_state_dict(state)
+    return generator.eval(), meta
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

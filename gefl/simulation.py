@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gefl.algorithms import GENERATOR, ClientResult, ClientTask, GlobalState, make_algorithm
+from gefl.algorithms import (
+    GENERATOR,
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    GeneratorAlgorithm,
+    GlobalState,
+    make_algorithm,
+)
 from gefl.config import Config, config_from_dict, load_config
 from gefl.data import Dataset, Split, label_histogram, load_dataset, partition
 from gefl.device_sim import DeviceSimulation, format_device_summary, training_mflops_per_sample
@@ -69,11 +77,11 @@ def simulate(
     test = Split(dataset.test.images.to(device), dataset.test.labels.to(device))
     tiers = list(dict.fromkeys(tier_of(c) for c in range(cfg.num_clients)))
     algorithm = make_algorithm(cfg)
-    if devices is not None and hasattr(algorithm, "new_generator"):
-        generator = algorithm.new_generator(dataset.num_classes)
+    if devices is not None and isinstance(algorithm, GeneratorAlgorithm):
+        generator = algorithm.new_generator(dataset.in_channels, dataset.num_classes)
+        shape = algorithm.generator_shape(dataset.in_channels)
         devices.generator_mflops = training_mflops_per_sample(
-            generator, lambda g, b: g.loss(torch.rand(b, *algorithm.feature_shape),
-                                           torch.randint(0, dataset.num_classes, (b,))))
+            generator, lambda g, b: g.loss(torch.rand(b, *shape), torch.randint(0, dataset.num_classes, (b,))))
     federation: Federation[ClientResult] = Federation(
         algorithm.phases(), cfg.num_clients, cfg.client_fraction, cfg.seed, cfg.eval.every
     )
@@ -109,7 +117,7 @@ def simulate(
             info = federation.open_round()
             t0 = time.perf_counter()
             state = algorithm.prepare_round(info.phase, state, dataset.num_classes)
-            tasks = _tasks(cfg, info, state, params, tier_of)
+            tasks, downloads = _tasks(cfg, algorithm, info, state, params, tier_of)
             received = list(executor.run(tasks))
             late: list[int] = []
             record: dict = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
@@ -137,8 +145,7 @@ def simulate(
                                     f"if training diverged, lower train.lr (now {cfg.train.lr})")
                 results = list(federation.close_round().values())
                 record["bytes"] = round_traffic(
-                    [{"model": len(t.model), **({"generator": len(t.generator)} if t.generator else {})}
-                     for t in tasks],
+                    downloads,
                     [{"generator" if info.phase == GENERATOR else "model": len(r.state)} for r in results])
                 scores.add_traffic(info.phase, record["bytes"])
                 state = algorithm.aggregate(info.phase, state, results)
@@ -192,7 +199,7 @@ def _device_simulation(cfg: Config, train_size: int) -> DeviceSimulation | None:
 def _simulated_clock(devices: DeviceSimulation, cfg: Config, tasks: list[ClientTask], results: list[ClientResult],
                      phase: str) -> tuple[list[int], float]:
     """Each result's simulated arrival: local training plus the bytes it moved, at its device's speed."""
-    sent = {t.client_id: len(t.model) + len(t.generator or b"") for t in tasks}
+    sent = {t.client_id: len(t.model) + len(t.generator or b"") + len(t.teachers or b"") for t in tasks}
     generator_phase = phase == GENERATOR
     epochs = cfg.gefl.generator.local_epochs if generator_phase else cfg.train.local_epochs
     seconds = {r.client_id: devices.client_seconds(r.client_id, r.num_samples * epochs,
@@ -201,19 +208,20 @@ def _simulated_clock(devices: DeviceSimulation, cfg: Config, tasks: list[ClientT
     return devices.close_round(seconds)
 
 
-def _tasks(cfg: Config, info: RoundInfo, state: GlobalState, params: dict[str, int],
-           tier_of: Callable[[int], str]) -> list[ClientTask]:
-    """One task per participant, largest tiers first so a small one finishes the round."""
-    generator = encode_state(state.generator) if state.generator is not None else None
-    encoded: dict[str, bytes] = {}
+def _tasks(cfg: Config, algorithm: Algorithm, info: RoundInfo, state: GlobalState, params: dict[str, int],
+           tier_of: Callable[[int], str]) -> tuple[list[ClientTask], list[dict[str, int]]]:
+    """One task per participant, largest tiers first so a small one finishes the round, and the
+    bytes each task's artifacts weigh."""
+    artifacts: dict[str, dict[str, bytes]] = {}
     tasks = []
     for c in info.participants:
         tier = tier_of(c)
-        if tier not in encoded:
-            encoded[tier] = encode_state(state.models[tier])
-        tasks.append(ClientTask(info.number, info.phase, c, tier, task_seed(cfg.seed, info.number, c),
-                                encoded[tier], generator))
-    return sorted(tasks, key=lambda t: -params[t.tier])
+        if tier not in artifacts:
+            artifacts[tier] = algorithm.round_artifacts(info, state, tier)
+        tasks.append(ClientTask.from_artifacts(info.number, info.phase, c, tier,
+                                               task_seed(cfg.seed, info.number, c), artifacts[tier]))
+    tasks.sort(key=lambda t: -params[t.tier])
+    return tasks, [{name: len(b) for name, b in artifacts[t.tier].items()} for t in tasks]
 
 
 def format_summary(summary: dict) -> str:

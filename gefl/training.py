@@ -7,12 +7,14 @@ round is reproducible from its seed whatever process runs it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gefl.config import TrainConfig
-from gefl.generators import FeatureGenerator
+from gefl.generators import Generator
 
 
 def sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -37,8 +39,10 @@ def train_epochs(
     cfg: TrainConfig,
     rng: torch.Generator,
     prox_mu: float = 0.0,
+    extra: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
-    """`cfg.local_epochs` epochs of cross-entropy SGD; returns the mean batch loss.
+    """`cfg.local_epochs` epochs of cross-entropy SGD; returns the mean batch loss. `labels` are
+    class indices, or per-class target probabilities (soft labels, as AvgKD trains on).
 
     With `prox_mu > 0` (FedProx) the loss gains mu/2 * ||w - w_start||^2, the squared norm of the
     FedProx paper, pulling towards the global weights the module started the round with.
@@ -49,7 +53,11 @@ def train_epochs(
     total, steps = 0.0, 0
     for _ in range(cfg.local_epochs):
         for idx in _batches(len(labels), cfg.batch_size, rng):
-            loss = F.cross_entropy(module(inputs[idx]), labels[idx])
+            x, y = inputs[idx], labels[idx]
+            if extra is not None:
+                gx, gy = extra()
+                x, y = torch.cat([x, gx]), torch.cat([y, gy])
+            loss = F.cross_entropy(module(x), y)
             objective = loss
             if anchor is not None:
                 prox = sum((p - a).pow(2).sum() for p, a in zip(module.parameters(), anchor))
@@ -63,24 +71,24 @@ def train_epochs(
 
 
 def train_on_generated(
-    head: nn.Module,
-    generator: FeatureGenerator,
+    module: nn.Module,
+    generator: Generator,
     num_batches: int,
     num_classes: int,
     cfg: TrainConfig,
     rng: torch.Generator,
 ) -> float:
-    """One pass of `num_batches` batches of generated features with uniformly drawn labels."""
-    head.train()
+    """`num_batches` batches of generated samples with uniformly drawn labels."""
+    module.train()
     generator.eval()
-    opt = sgd(head, cfg)
-    device = next(head.parameters()).device
+    opt = sgd(module, cfg)
+    device = next(module.parameters()).device
     total = 0.0
     for _ in range(num_batches):
         labels = torch.randint(num_classes, (cfg.batch_size,), generator=rng).to(device)
         with torch.no_grad():
-            features = generator.sample(labels)
-        loss = F.cross_entropy(head(features), labels)
+            samples = generator.sample(labels)
+        loss = F.cross_entropy(module(samples), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -89,26 +97,23 @@ def train_on_generated(
 
 
 def train_generator(
-    generator: FeatureGenerator,
-    features: torch.Tensor,
+    generator: Generator,
+    data: torch.Tensor,
     labels: torch.Tensor,
     epochs: int,
     batch_size: int,
     optimizer: torch.optim.Optimizer,
     rng: torch.Generator,
 ) -> float:
-    """Epochs of the generator's own loss on (frozen-FE) features; returns the mean batch loss."""
+    """Epochs of the generator's own training steps on real data (images, or frozen-FE features);
+    returns the mean batch loss."""
     generator.train()
     total, steps = 0.0, 0
     for _ in range(epochs):
         for idx in _batches(len(labels), batch_size, rng):
             if len(idx) < 2:  # BatchNorm cannot normalise a batch of one
                 continue
-            loss = generator.loss(features[idx], labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
+            total += generator.train_step(data[idx], labels[idx], optimizer)
             steps += 1
     return total / max(steps, 1)
 
@@ -118,6 +123,13 @@ def extract_features(fe: nn.Module, images: torch.Tensor, batch_size: int = 1000
     """FE output in eval mode; the FE is frozen, so no graph is kept."""
     fe.eval()
     return torch.cat([fe(images[i: i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Softmax outputs in eval mode (a teacher's soft labels)."""
+    model.eval()
+    return torch.cat([F.softmax(model(inputs[i: i + batch_size]), 1) for i in range(0, len(inputs), batch_size)])
 
 
 @torch.inference_mode()

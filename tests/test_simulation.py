@@ -62,9 +62,11 @@ def test_gefl_f_runs_all_three_phases_with_a_frozen_shared_fe(tmp_path):
     assert any(k.startswith("decoder.") for k in gen)
 
     # Bytes per client per round, per artifact and direction: the generator travels both ways in its
-    # phase, and down (beside the model) in the head phase; the sizes are the encoded tensors'.
+    # phase, and down (beside the model) in the head phase, as float16 (wire_dtype's default); the
+    # sizes are the encoded tensors'.
     traffic = summary["bytes_per_client_per_round"]
-    generator_bytes = len(encode_state(gen))
+    generator_bytes = len(encode_state({k: v.half() if v.is_floating_point() else v for k, v in gen.items()}))
+    assert generator_bytes < 0.55 * len(encode_state(gen))
     assert set(traffic) == {"warmup", "generator", "head"}
     assert "generator" not in traffic["warmup"]["down"] and set(traffic["warmup"]["up"]) == {"model"}
     assert traffic["generator"]["up"] == {"generator": generator_bytes}
