@@ -14,13 +14,14 @@ import numpy as np
 import torch
 import yaml
 
-from gefl.algorithms import GENERATOR, ClientResult, GlobalState, make_algorithm
+from gefl.algorithms import GENERATOR, ClientResult, GeneratorAlgorithm, GlobalState, make_algorithm
 from gefl.config import Config, to_dict
 from gefl.data import Dataset, Split
 from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
 from gefl.errors import GeflError
 from gefl.executor import LocalExecutor, WorkerContext
 from gefl.federation import Phase, RoundInfo
+from gefl.generators import check_generator_state
 from gefl.models import count_parameters, get_model
 from gefl.protocol import RegisterRequest, UploadHeader
 from gefl.rundir import RunDir
@@ -137,6 +138,12 @@ class TrainingLogic:
         for tier, sd in models.items():
             if sd.keys() != self.state.models[tier].keys():
                 raise GeflError(f"the checkpoint's {tier} weights do not match the model: was the config changed?")
+        if generator:
+            if not isinstance(self.algorithm, GeneratorAlgorithm):
+                raise GeflError(f"the checkpoint holds a generator, but {self.cfg.algorithm} has none: "
+                                "was the config changed?")
+            expected = self.algorithm.new_generator(self.dataset.in_channels, self.dataset.num_classes)
+            check_generator_state(expected, generator, "the checkpoint's generator")
         self.state = GlobalState(models, generator or None)
         self.scores = Scoreboard.from_dict(meta["scores"])
         self.used_tiers = list(meta["used_tiers"])

@@ -2,15 +2,18 @@
 
 Runs every config for every seed with `gefl.simulate`, then writes
 benchmarks/results/paper_fmnist.json (every run's numbers) and .md (a table: mean best accuracy,
-the paper's metric, mean final accuracy, median wall time, the paper's number). Results are
-rewritten after each run, so an interrupted benchmark still leaves what it measured.
+the paper's metric, mean final accuracy, generator parameters, bytes per client per round, median
+wall time, the paper's number). Results are rewritten after each run, so an interrupted benchmark
+still leaves what it measured.
 
-    python benchmarks/paper_fmnist.py                       # all four configs, seeds 0 1 2
-    python benchmarks/paper_fmnist.py --seeds 0 --configs fedavg gefl-f-cvae
+    python benchmarks/paper_fmnist.py                       # every row, seeds 0 1 2 (many hours)
+    python benchmarks/paper_fmnist.py --seeds 0 --configs fedavg gefl-f-light
     python benchmarks/paper_fmnist.py --seeds 2 --resume    # add seed 2 to the existing results
+    python benchmarks/paper_fmnist.py --noniid              # Dirichlet(0.3): configs/noniid/
 
-`quickstart` is accepted as a config name too (configs/quickstart.yaml), to time the README's run,
-and so are the ablations in VARIANTS (a paper config with overrides).
+A config name is configs/paper/fmnist-<name>.yaml (configs/noniid/fmnist-dir0.3-<name>.yaml with
+--noniid), `quickstart`, or one of the VARIANTS (a config with overrides: the paper presets of the
+heavy generators need hours of CPU per run, so their rows also run with the small preset).
 """
 
 from __future__ import annotations
@@ -27,21 +30,56 @@ from pathlib import Path
 import torch
 
 from gefl.config import load_config
+from gefl.models import count_parameters
+from gefl.rundir import load_generator
 from gefl.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ["quickstart", "fedavg", "fedprox", "lg-fedavg", "gefl-f-cvae"]
+CONFIGS = ["fedavg", "fedprox", "lg-fedavg", "avgkd", "gefl-cvae", "gefl-dcgan", "gefl-ddpm",
+           "gefl-f-cvae", "gefl-f-dcgan", "gefl-f-ddpm", "gefl-f-light"]
+NONIID = ["fedavg", "gefl-f-light"]
+SMALL = ["gefl.generator.preset=small"]
 VARIANTS = {
     # GeFL-F's schedule (20 warm-up + 50 head rounds, FE frozen after warm-up) without any generator:
     # what the generated features add, as opposed to the schedule itself.
     "gefl-f-no-generator": ("gefl-f-cvae", ["gefl.generator_rounds=0", "gefl.generated_passes=0"]),
+    **{f"{name}-small": (name, SMALL) for name in
+       ("gefl-cvae", "gefl-dcgan", "gefl-ddpm", "gefl-f-cvae", "gefl-f-dcgan", "gefl-f-ddpm")},
 }
 PAPER = {
     "fedavg": (80.58, "FedAvg"),
     "fedprox": (80.50, "FedProx"),
     "lg-fedavg": (80.61, "LG-FedAvg"),
-    "gefl-f-cvae": (82.33, "GeFL (CVAE), image-level: the paper's closest row"),
+    "avgkd": (77.12, "AvgKD"),
+    "gefl-cvae": (82.33, "GeFL (CVAE)"),
+    "gefl-dcgan": (83.11, "GeFL (DCGAN)"),
+    "gefl-ddpm": (82.43, "GeFL (DDPM, w=0)"),
 }
+"""The paper's Fashion-MNIST numbers. It reports no GeFL-F row for this dataset in its main table."""
+
+
+def config_path(name: str, noniid: bool) -> Path:
+    if name == "quickstart":
+        return ROOT / "configs" / "quickstart.yaml"
+    if noniid:
+        return ROOT / "configs" / "noniid" / f"fmnist-dir0.3-{name}.yaml"
+    return ROOT / "configs" / "paper" / f"fmnist-{name}.yaml"
+
+
+def traffic(run_dir: Path) -> dict:
+    """Mean bytes per client per round over the whole run (all artifacts, each direction), and the
+    generator's payload per direction in its own rounds, from the run's metrics."""
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rounds = [r for r in rounds if "bytes" in r]
+    down = statistics.mean(sum(r["bytes"]["down"].values()) for r in rounds)
+    up = statistics.mean(sum(r["bytes"]["up"].values()) for r in rounds)
+    gen = [r["bytes"] for r in rounds if r["phase"] == "generator"]
+    return {
+        "bytes_down_per_round": down,
+        "bytes_up_per_round": up,
+        "generator_bytes_down": statistics.mean(b["down"]["generator"] for b in gen) if gen else None,
+        "generator_bytes_up": statistics.mean(b["up"]["generator"] for b in gen) if gen else None,
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -52,85 +90,122 @@ def summarise(runs: list[dict]) -> dict:
         "std_best_acc": statistics.stdev(best) if len(best) > 1 else 0.0,
         "mean_final_acc": statistics.mean(r["mean_final_acc"] for r in runs),
         "median_wall_time_s": statistics.median(r["wall_time_s"] for r in runs),
+        # Deterministic per config (sizes of what travels), so any run that measured them will do.
+        **{k: next((r[k] for r in runs if r.get(k) is not None), None)
+           for k in ("generator_params", "bytes_down_per_round", "bytes_up_per_round",
+                     "generator_bytes_down", "generator_bytes_up")},
     }
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}"
+
+
+def _mean_on(entry: dict, seeds: list[int]) -> float:
+    return statistics.mean(r["mean_best_acc"] for r in entry["runs"] if r["seed"] in seeds)
 
 
 def write_results(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    setting = results.get("setting", "paper setting (10 clients x 600 IID images, ten tiers)")
     rows = [
-        "# Fashion-MNIST, paper setting (10 clients x 600 IID images, ten tiers)",
+        f"# Fashion-MNIST, {setting}",
         "",
         f"Measured {results['date']} on {results['machine']}; `{results['command']}`.",
         "Accuracy: per tier the best test accuracy over the evaluations (round 1, every 10th, last), "
-        "mean over the ten tiers, then mean over seeds.",
+        "mean over the ten tiers, then mean over seeds. Bytes: per client per round, mean over all rounds "
+        "(every artifact); generator payload: per client per direction in a generator round, as it travels "
+        "(float16). Wall time: the whole schedule, median over seeds.",
         "",
-        "| config | seeds | mean best acc % | std | mean final acc % | median wall time s | paper % |",
-        "|---|---|---|---|---|---|---|",
+        "| config | seeds | mean best acc % | std | mean final acc % | generator params | generator payload MB "
+        "(down / up) | MB per client per round (down / up) | wall time s | paper % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in results["configs"].items():
         s = res["summary"]
         paper, label = PAPER.get(name, (None, ""))
         paper_text = f"{paper:.2f} ({label})" if paper is not None else "-"
+        params = f"{s['generator_params']:,}" if s.get("generator_params") else "-"
+        payload = "-" if s.get("generator_bytes_up") is None else \
+            f"{_mb(s['generator_bytes_down'])} / {_mb(s['generator_bytes_up'])}"
+        per_round = "-" if s.get("bytes_down_per_round") is None else \
+            f"{_mb(s['bytes_down_per_round'])} / {_mb(s['bytes_up_per_round'])}"
         rows.append(
             f"| {name} | {','.join(map(str, s['seeds']))} | {s['mean_best_acc']:.2f} | {s['std_best_acc']:.2f} | "
-            f"{s['mean_final_acc']:.2f} | {s['median_wall_time_s']:.0f} | {paper_text} |"
+            f"{s['mean_final_acc']:.2f} | {params} | {payload} | {per_round} | {s['median_wall_time_s']:.0f} | "
+            f"{paper_text} |"
         )
     cfgs = results["configs"]
-    if "fedavg" in cfgs and "gefl-f-cvae" in cfgs:
-        common = sorted(set(cfgs["fedavg"]["summary"]["seeds"]) & set(cfgs["gefl-f-cvae"]["summary"]["seeds"]))
+    for ours in ("gefl-f-light", "gefl-f-cvae-small"):
+        if "fedavg" not in cfgs or ours not in cfgs:
+            continue
+        common = sorted(set(cfgs["fedavg"]["summary"]["seeds"]) & set(cfgs[ours]["summary"]["seeds"]))
         if common:
-            def on(name: str) -> float:
-                return statistics.mean(r["mean_best_acc"] for r in cfgs[name]["runs"] if r["seed"] in common)
-
-            delta = on("gefl-f-cvae") - on("fedavg")
-            rows += ["", f"GeFL-F (CVAE-F) minus FedAvg, mean best accuracy on seeds {common}: {delta:+.2f} points."]
+            delta = _mean_on(cfgs[ours], common) - _mean_on(cfgs["fedavg"], common)
+            rows += ["", f"{ours} minus fedavg, mean best accuracy on seeds {common}: {delta:+.2f} points."]
+    if results.get("notes"):
+        rows += ["", *results["notes"]]
     out.with_suffix(".md").write_text("\n".join(rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=CONFIGS, help=f"names under configs/paper/fmnist-* ({CONFIGS})")
+    parser.add_argument("--configs", nargs="+", help=f"rows to run (default: {' '.join(CONFIGS)}; "
+                                                     f"with --noniid: {' '.join(NONIID)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_fmnist"),
-                        help="results path without suffix (.json and .md are written)")
+    parser.add_argument("--noniid", action="store_true",
+                        help="the Dirichlet(0.3) label-skew configs (configs/noniid/) instead of the paper's IID "
+                        "setting")
+    parser.add_argument("--out", help="results path without suffix (.json and .md are written; default "
+                                      "benchmarks/results/paper_fmnist, or paper_fmnist_noniid with --noniid)")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"), help="where each run's directory goes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in the results file and skip (config, seed) pairs it has")
     args = parser.parse_args(argv)
+    names = args.configs or (NONIID if args.noniid else CONFIGS)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("paper_fmnist_noniid" if args.noniid else "paper_fmnist"))
 
     command = "python benchmarks/paper_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "setting": "Dirichlet(0.3) label skew (10 clients x 600 images, ten tiers)" if args.noniid else
+                   "paper setting (10 clients x 600 IID images, ten tiers)",
         "command": command,
         "configs": {},
     }
-    previous = Path(args.out).with_suffix(".json")
+    previous = out.with_suffix(".json")
     if args.resume and previous.is_file():
         results = json.loads(previous.read_text())
         results["command"] += f"; then {command}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for seed in args.seeds:  # seed-major, so a cut-short benchmark still compares configs on equal seeds
-        for name in args.configs:
+        for name in names:
             if any(r["seed"] == seed for r in results["configs"].get(name, {}).get("runs", [])):
                 continue
             base, variant = VARIANTS.get(name, (name, []))
-            path = ROOT / "configs" / ("quickstart.yaml" if base == "quickstart" else f"paper/fmnist-{base}.yaml")
+            path = config_path(base, args.noniid)
             cfg = load_config(path, [*variant, *args.set, f"seed={seed}"])
             print(f"== {name} seed {seed}", flush=True)
-            summary = simulate(cfg, out=Path(args.runs_dir) / f"{stamp}-{name}-s{seed}",
+            run_dir = Path(args.runs_dir) / f"{stamp}-{name}-s{seed}"
+            summary = simulate(cfg, out=run_dir,
                                progress=lambda msg: print(f"   {msg}", flush=True) if "acc" in msg else None)
-            source = " ".join([str(path.relative_to(ROOT)), *(f"--set {v}" for v in variant)])
+            source = " ".join([str(path.relative_to(ROOT)), *(f"--set {v}" for v in [*variant, *args.set])])
             entry = results["configs"].setdefault(name, {"config": source, "runs": []})
-            entry["runs"].append({k: summary[k] for k in ("seed", "mean_best_acc", "mean_final_acc", "wall_time_s",
-                                                          "tiers", "rounds")})
+            has_generator = (run_dir / "weights" / "generator.safetensors").is_file()
+            entry["runs"].append({
+                **{k: summary[k] for k in ("seed", "mean_best_acc", "mean_final_acc", "wall_time_s", "tiers",
+                                           "rounds")},
+                "generator_params": count_parameters(load_generator(run_dir)[0]) if has_generator else None,
+                **traffic(run_dir),
+            })
             entry["summary"] = summarise(entry["runs"])
-            write_results(Path(args.out), results)
+            write_results(out, results)
             print(f"   {name} seed {seed}: mean best {summary['mean_best_acc']:.2f}, "
                   f"final {summary['mean_final_acc']:.2f}, {summary['wall_time_s']:.0f}s", flush=True)
-    print(Path(args.out).with_suffix(".md").read_text())
+    print(out.with_suffix(".md").read_text())
     return 0
 
 

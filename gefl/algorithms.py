@@ -227,15 +227,12 @@ class GeneratorAlgorithm(LGFedAvg):
         g = self.cfg.gefl.generator
         return build_generator(g.family, self.generator_shape(in_channels), num_classes, g.preset, g.options)
 
-    def init_state(self, tiers: list[str], in_channels: int, num_classes: int) -> GlobalState:
-        self.in_channels = in_channels
-        return super().init_state(tiers, in_channels, num_classes)
-
     def prepare_round(self, phase: str, state: GlobalState, num_classes: int) -> GlobalState:
         """The generator is created when its phase begins (GeFL-F: its input is the frozen FE's output)."""
         if phase == GENERATOR and state.generator is None:
             torch.manual_seed(self.cfg.seed + 1)
-            return GlobalState(state.models, self.new_generator(self.in_channels, num_classes).state_dict())
+            in_channels = next(iter(state.models.values()))["fe.conv.weight"].shape[1]  # images' channels
+            return GlobalState(state.models, self.new_generator(in_channels, num_classes).state_dict())
         return state
 
     # -- the generator on the wire -----------------------------------------------------------
@@ -282,23 +279,14 @@ class GeneratorAlgorithm(LGFedAvg):
 
     def _train_classifier(self, module: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
                           generator: Generator | None, num_classes: int, rng: torch.Generator) -> float:
-        """`generated_passes` passes on generated samples, then the local epochs on real data,
-        with `generated_mix` of each batch generated."""
-        g, train = self.cfg.gefl, self.cfg.train
-        if generator is None:
-            return train_epochs(module, x, labels, train, rng)
-        generator.eval()
-        if g.generated_passes > 0:
-            batches = g.generated_passes * max(1, len(labels) // train.batch_size)
+        """`generated_passes` passes on generated samples, then the local epochs on real data. In
+        that order, BatchNorm's running statistics end on real data, which is what the model is
+        tested on (mixing generated samples into every real batch measured worse)."""
+        train = self.cfg.train
+        if generator is not None and self.cfg.gefl.generated_passes > 0:
+            batches = self.cfg.gefl.generated_passes * max(1, len(labels) // train.batch_size)
             train_on_generated(module, generator, batches, num_classes, train, rng)
-        mix = round(g.generated_mix * train.batch_size)
-        extra = None
-        if mix > 0:
-            def extra() -> tuple[torch.Tensor, torch.Tensor]:
-                y = torch.randint(num_classes, (mix,), generator=rng).to(x.device)
-                with torch.no_grad():
-                    return generator.sample(y), y
-        return train_epochs(module, x, labels, train, rng, extra=extra)
+        return train_epochs(module, x, labels, train, rng)
 
     # -- server side -------------------------------------------------------------------------
     def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:

@@ -67,9 +67,6 @@ class GeflConfig:
     generated_passes: int = 1
     """Passes over generated data before the local epochs on real data, per round (each pass as
     many batches as the client's data)."""
-    generated_mix: float = 0.0
-    """Generated samples added to every batch of real data in the local epochs, as a fraction of
-    the batch size (0 = none)."""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
@@ -209,10 +206,10 @@ def _positive(key: str, value: float) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range checks and name checks that need the registries."""
-    from gefl.algorithms import ALGORITHMS, GENERATOR_LEVEL
+    from gefl.algorithms import ALGORITHMS, GENERATOR_LEVEL, generated_shape
     from gefl.data import PARTITIONS, list_datasets
     from gefl.errors import unknown_name
-    from gefl.generators import generator_options, list_generators
+    from gefl.generators import build_generator, generator_options, list_generators
     from gefl.models import list_tiers
 
     if cfg.algorithm not in ALGORITHMS:
@@ -230,9 +227,13 @@ def validate(cfg: Config) -> Config:
     if cfg.algorithm in GENERATOR_LEVEL:
         level = GENERATOR_LEVEL[cfg.algorithm]
         if gen.family not in list_generators(level):
-            raise unknown_name(f"{level}-level generator family (for {cfg.algorithm})", gen.family,
-                               list_generators(level))
+            raise GeflError(f"unknown {level}-level generator family {gen.family!r} (gefl.generator.family); "
+                            f"{cfg.algorithm} takes one of: {', '.join(list_generators(level))}")
         generator_options(gen.family, gen.preset, gen.options)
+        import torch
+
+        with torch.device("meta"):  # builds the shapes only: bad options fail now, not after the warm-up
+            build_generator(gen.family, generated_shape(level, 1), 10, gen.preset, gen.options)
     if gen.wire_dtype not in ("float16", "float32"):
         raise GeflError(f"config key 'gefl.generator.wire_dtype' must be float16 or float32, got {gen.wire_dtype!r}")
     if len(gen.betas) != 2 or not all(0 <= b < 1 for b in gen.betas):
@@ -251,7 +252,6 @@ def validate(cfg: Config) -> Config:
     for key, value in [
         ("gefl.warmup_rounds", cfg.gefl.warmup_rounds), ("gefl.generator_rounds", cfg.gefl.generator_rounds),
         ("gefl.generated_passes", cfg.gefl.generated_passes),
-        ("gefl.generated_mix", cfg.gefl.generated_mix),
         ("gefl.generator.lr", cfg.gefl.generator.lr), ("gefl.generator.weight_decay", cfg.gefl.generator.weight_decay),
         ("gefl.generator.local_epochs", cfg.gefl.generator.local_epochs), ("train.momentum", cfg.train.momentum),
         ("train.weight_decay", cfg.train.weight_decay), ("train.prox_mu", cfg.train.prox_mu),

@@ -7,8 +7,6 @@ round is reproducible from its seed whatever process runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +37,6 @@ def train_epochs(
     cfg: TrainConfig,
     rng: torch.Generator,
     prox_mu: float = 0.0,
-    extra: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
     """`cfg.local_epochs` epochs of cross-entropy SGD; returns the mean batch loss. `labels` are
     class indices, or per-class target probabilities (soft labels, as AvgKD trains on).
@@ -53,11 +50,7 @@ def train_epochs(
     total, steps = 0.0, 0
     for _ in range(cfg.local_epochs):
         for idx in _batches(len(labels), cfg.batch_size, rng):
-            x, y = inputs[idx], labels[idx]
-            if extra is not None:
-                gx, gy = extra()
-                x, y = torch.cat([x, gx]), torch.cat([y, gy])
-            loss = F.cross_entropy(module(x), y)
+            loss = F.cross_entropy(module(inputs[idx]), labels[idx])
             objective = loss
             if anchor is not None:
                 prox = sum((p - a).pow(2).sum() for p, a in zip(module.parameters(), anchor))

