@@ -232,7 +232,7 @@ def test_unknown_option_names_it_and_the_valid_options():
     with pytest.raises(GeflError, match="'depth'") as err:
         build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "small", {"depth": 3})
     assert "widths" in str(err.value) and "latent" in str(err.value)
-    assert generator_spec("cvae-f").options() == ["widths", "latent"]
+    assert generator_spec("cvae-f").options() == ["widths", "latent", "temperature"]
 
 
 @pytest.mark.parametrize("family, options", [
