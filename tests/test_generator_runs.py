@@ -69,7 +69,7 @@ def test_avgkd_distils_from_round_two(tmp_path):
     client also downloads the other tiers' models and its training targets change."""
     base = {**SHORT, "partition": {"kind": "iid", "samples_per_client": 200}, "rounds": 2}
     kd = simulate({**base, "algorithm": "avgkd"}, out=tmp_path / "kd", progress=None)
-    avg = simulate({**base, "algorithm": "fedavg"}, out=tmp_path / "avg", progress=None)
+    simulate({**base, "algorithm": "fedavg"}, out=tmp_path / "avg", progress=None)
     kd_rounds, avg_rounds = _metrics(tmp_path / "kd"), _metrics(tmp_path / "avg")
     assert kd_rounds[0]["accuracy"] == avg_rounds[0]["accuracy"]
     assert kd_rounds[1]["accuracy"] != avg_rounds[1]["accuracy"]
