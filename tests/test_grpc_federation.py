@@ -73,7 +73,9 @@ def test_dead_and_frozen_clients_never_stall_a_round_and_come_back(tmp_path, sha
         killed_at = time.monotonic()
         clients[2].proc.send_signal(signal.SIGKILL)
         wait_for(lambda: 2 in coordinator.round_closed, 10, "round 2 to close without the dead client")
-        assert coordinator.round_closed[2] - killed_at < 5.0
+        # Not the 60 s round timeout: the 3 s heartbeat timeout plus the live clients' own training
+        # (5.7 s measured with the machine also running a benchmark; 5 s was too tight for that).
+        assert coordinator.round_closed[2] - killed_at < 15.0
         wait_for(lambda: len(read_metrics(tmp_path / "state")) >= 2, 30, "round 2's metrics")
         assert read_metrics(tmp_path / "state")[1]["dropped"] == [dead]
         assert any(f"client {dead} (board-2) is offline" in m for _, m in log)

@@ -35,7 +35,8 @@ FEDAVG = {"name": "mqtt-fedavg", "algorithm": "fedavg", "num_clients": 2, "tiers
           "partition": {"samples_per_client": 100}, "network": NETWORK}
 GEFL_F = {"name": "mqtt-geflf", "algorithm": "gefl-f", "num_clients": 2, "tiers": ["cnn2"], "rounds": 1,
           "partition": {"samples_per_client": 100}, "network": NETWORK,
-          "gefl": {"warmup_rounds": 1, "generator_rounds": 3}}
+          # float32 on the wire: the generator (1.5 MB) spans two chunks, which the dedup test needs
+          "gefl": {"warmup_rounds": 1, "generator_rounds": 3, "generator": {"wire_dtype": "float32"}}}
 
 
 class Aggregator:
