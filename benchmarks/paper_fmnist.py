@@ -124,7 +124,8 @@ def write_results(out: Path, results: dict) -> None:
     ]
     for name, res in results["configs"].items():
         s = res["summary"]
-        paper, label = PAPER.get(name, (None, ""))
+        iid = results.get("setting", "paper").startswith("paper")
+        paper, label = PAPER.get(name, (None, "")) if iid else (None, "")  # the paper's numbers are IID ones
         paper_text = f"{paper:.2f} ({label})" if paper is not None else "-"
         params = f"{s['generator_params']:,}" if s.get("generator_params") else "-"
         payload = "-" if s.get("generator_bytes_up") is None else \
