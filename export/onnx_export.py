@@ -19,15 +19,14 @@ import onnx
 import onnxruntime as ort
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from export.infer import open_session
 from export.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from export.quantize import QUANTIZE_MODES, quantize
 from gefl.data import MEAN, STD, Dataset, load_dataset
 from gefl.errors import GeflError
-from gefl.models import TierNet, get_model
+from gefl.models import TierNet
+from gefl.rundir import load_tier, run_tiers
 
 PARITY_IMAGES = 256
 PARITY_TOLERANCE = 1e-4
@@ -36,42 +35,6 @@ OPSET = 18
 EVAL_BATCH = 500
 INT8_SIZE_TARGET = 0.35
 """An int8 file above this fraction of its fp32 file gets a note in the report saying why."""
-
-
-def run_tiers(run_dir: Path) -> list[str]:
-    weights = run_dir / "weights"
-    tiers = sorted(p.stem for p in weights.glob("*.safetensors") if p.stem != "generator")
-    if not tiers:
-        raise GeflError(f"{run_dir} holds no trained tiers (no weights/<tier>.safetensors): is it a run directory "
-                        "written by `gefl simulate` or the aggregator?")
-    return tiers
-
-
-def load_tier(run_dir: Path, tier: str) -> tuple[TierNet, dict[str, str]]:
-    """The trained network of `tier` in eval mode, and its weight file's metadata."""
-    path = run_dir / "weights" / f"{tier}.safetensors"
-    if not path.is_file():
-        raise GeflError(f"{run_dir} has no weights for tier {tier!r}; it has: {', '.join(run_tiers(run_dir))}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise GeflError(f"cannot read {path}: {exc}") from None
-    for key in ("in_channels", "num_classes", "classes", "dataset"):
-        if key not in meta:
-            raise GeflError(f"{path} lacks the metadata field {key!r}; was it written by gefl?")
-    model = get_model(tier, int(meta["in_channels"]), int(meta["num_classes"]))
-    expected = model.state_dict()
-    for key, value in state.items():
-        if key in expected and expected[key].shape != value.shape:
-            raise GeflError(f"{path}: {key} has shape {tuple(value.shape)}, tier {tier!r} expects "
-                            f"{tuple(expected[key].shape)}")
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise GeflError(f"{path} does not fit tier {tier!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state)
-    return model.eval(), meta
 
 
 def export_onnx(model: TierNet, info: ModelInfo, path: Path) -> None:

@@ -5,6 +5,8 @@
     metrics.jsonl     one JSON object per round (loss, participants, accuracy when evaluated)
     summary.json      per-tier best and final accuracy, means, wall time
     weights/<tier>.safetensors, weights/generator.safetensors   final global weights
+
+and reads weights back (`load_tier`, `load_generator`) with checks that name what does not fit.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from gefl.config import Config, to_dict
 from gefl.errors import GeflError
+from gefl.models import TierNet, get_model
 
 if TYPE_CHECKING:
     from gefl.algorithms import GlobalState
@@ -120,8 +124,6 @@ def load_generator(path: str | Path, family: str | None = None) -> tuple[Generat
     preset, a truncated or corrupted file, or (with `family`) a generator of an unexpected family
     fails with what does not match, never with a half-loaded model.
     """
-    from safetensors import SafetensorError, safe_open
-
     from gefl.generators import build_generator, check_generator_state, generator_spec
 
     path = Path(path)
@@ -162,3 +164,39 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def run_tiers(run_dir: Path) -> list[str]:
+    weights = run_dir / "weights"
+    tiers = sorted(p.stem for p in weights.glob("*.safetensors") if p.stem != "generator")
+    if not tiers:
+        raise GeflError(f"{run_dir} holds no trained tiers (no weights/<tier>.safetensors): is it a run directory "
+                        "written by `gefl simulate` or the aggregator?")
+    return tiers
+
+
+def load_tier(run_dir: Path, tier: str) -> tuple[TierNet, dict[str, str]]:
+    """The trained network of `tier` in eval mode, and its weight file's metadata."""
+    path = run_dir / "weights" / f"{tier}.safetensors"
+    if not path.is_file():
+        raise GeflError(f"{run_dir} has no weights for tier {tier!r}; it has: {', '.join(run_tiers(run_dir))}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise GeflError(f"cannot read {path}: {exc}") from None
+    for key in ("in_channels", "num_classes", "classes", "dataset"):
+        if key not in meta:
+            raise GeflError(f"{path} lacks the metadata field {key!r}; was it written by gefl?")
+    model = get_model(tier, int(meta["in_channels"]), int(meta["num_classes"]))
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise GeflError(f"{path}: {key} has shape {tuple(value.shape)}, tier {tier!r} expects "
+                            f"{tuple(expected[key].shape)}")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise GeflError(f"{path} does not fit tier {tier!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state)
+    return model.eval(), meta

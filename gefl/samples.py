@@ -18,24 +18,10 @@ from torchvision.utils import make_grid
 
 from gefl.errors import GeflError
 from gefl.generators import IMAGE, generator_spec
-from gefl.rundir import load_generator
+from gefl.rundir import load_generator, load_tier, run_tiers
 
 LABEL_WIDTH = 90
 GAP = 12
-
-
-def _fe_of(run_dir: Path, in_channels: int, num_classes: int) -> torch.nn.Module:
-    """The run's common FE, from any tier's saved weights (every tier holds the same one)."""
-    from safetensors.torch import load_file
-
-    from gefl.models import get_model
-
-    files = sorted(p for p in (run_dir / "weights").glob("*.safetensors") if p.stem != "generator")
-    if not files:
-        raise GeflError(f"{run_dir}/weights holds no tier weights, so there is no FE to compute real features with")
-    model = get_model(files[0].stem, in_channels, num_classes)
-    model.load_state_dict(load_file(files[0]))
-    return model.fe.eval()
 
 
 def _real_per_class(dataset: str, data_dir: str | None, per_class: int, num_classes: int) -> torch.Tensor:
@@ -62,7 +48,7 @@ def render_samples(run_dir: str | Path, out: str | Path | None = None, per_class
     if generator_spec(meta["family"]).level == IMAGE:
         panels = [(generated + 1) / 2]  # [-1, 1] -> [0, 1]
     else:
-        fe = _fe_of(run_dir, int(meta["in_channels"]), num_classes)
+        fe = load_tier(run_dir, run_tiers(run_dir)[0])[0].fe  # every tier holds the same frozen FE
         with torch.no_grad():
             real = fe(_real_per_class(meta["dataset"], data_dir, per_class, num_classes))
         scale = torch.quantile(real.flatten(), 0.99).clamp(min=1e-6)
