@@ -35,7 +35,7 @@ from gefl.rundir import load_generator
 from gefl.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ["fedavg", "fedprox", "lg-fedavg", "avgkd", "gefl-cvae", "gefl-dcgan", "gefl-ddpm",
+CONFIGS = ["fedavg", "fedprox", "lg-fedavg", "avgkd", "feddf", "gefl-cvae", "gefl-dcgan", "gefl-ddpm",
            "gefl-f-cvae", "gefl-f-dcgan", "gefl-f-ddpm", "gefl-f-light"]
 NONIID = ["fedavg", "gefl-f-light"]
 SMALL = ["gefl.generator.preset=small"]
@@ -51,6 +51,7 @@ PAPER = {
     "fedprox": (80.50, "FedProx"),
     "lg-fedavg": (80.61, "LG-FedAvg"),
     "avgkd": (77.12, "AvgKD"),
+    "feddf": (58.81, "FedDF"),
     "gefl-cvae": (82.33, "GeFL (CVAE)"),
     "gefl-dcgan": (83.11, "GeFL (DCGAN)"),
     "gefl-ddpm": (82.43, "GeFL (DDPM, w=0)"),

@@ -15,12 +15,20 @@ import torch
 
 from gefl.aggregation import StateDict, Update, fedavg, lg_fedavg, nonfinite_entries, per_architecture
 from gefl.config import Config
-from gefl.data import IMAGE_SIZE, Split
+from gefl.data import IMAGE_SIZE, Split, public_images
 from gefl.errors import GeflError, unknown_name
 from gefl.federation import Phase, RoundInfo
 from gefl.generators import FEATURE, IMAGE, Generator, build_generator
 from gefl.models import FE_CHANNELS, TierNet, get_model
-from gefl.training import extract_features, predict_proba, train_epochs, train_generator, train_on_generated
+from gefl.training import (
+    distil,
+    extract_features,
+    predict_logits,
+    predict_proba,
+    train_epochs,
+    train_generator,
+    train_on_generated,
+)
 from gefl.wire import decode_state, encode_state
 
 WARMUP, TRAIN, GENERATOR, HEAD = "warmup", "train", "generator", "head"
@@ -191,6 +199,50 @@ class AvgKD(FedAvg):
         return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
 
 
+class FedDF(FedAvg):
+    """FedDF (Lin et al., 2020): models are averaged per architecture, then on the server each
+    architecture is distilled towards the ensemble of all the round's client models (their mean
+    logits) on unlabelled public images, so tiers learn from each other through the server only.
+    The public set (`feddf.public_*`) is loaded by the server at its first aggregation."""
+
+    name = "feddf"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self._public: torch.Tensor | None = None
+
+    def public(self, in_channels: int) -> torch.Tensor:
+        if self._public is None:
+            images = public_images(self.cfg)
+            if images.shape[1] != in_channels:
+                raise GeflError(f"feddf.public_dataset {self.cfg.feddf.public_dataset!r} has {images.shape[1]}-channel "
+                                f"images; the models of {self.cfg.dataset} take {in_channels} channels")
+            self._public = images
+        return self._public
+
+    def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:
+        averaged = super().aggregate(phase, state, results)
+        if not results:
+            return averaged
+        public, f = self.public(state.models[results[0].tier]["fe.conv.weight"].shape[1]), self.cfg.feddf
+        teachers = [_tier_model(r.tier, decode_state(r.state), public.shape[1]) for r in results]
+        logits = torch.stack([predict_logits(m, public, self.cfg.eval.batch_size) for m in teachers]).mean(0)
+        targets = torch.softmax(logits / f.temperature, dim=1)
+        models = dict(averaged.models)
+        rng = torch.Generator().manual_seed(self.cfg.seed)
+        for tier in sorted({r.tier for r in results}):
+            student = _tier_model(tier, averaged.models[tier], public.shape[1])
+            distil(student, public, targets, f.steps, self.cfg.train.batch_size, f.lr, f.temperature, rng)
+            models[tier] = student.state_dict()
+        return GlobalState(models, averaged.generator)
+
+
+def _tier_model(tier: str, state: StateDict, in_channels: int) -> TierNet:
+    model = get_model(tier, in_channels, state["head.fc.weight"].shape[0])
+    model.load_state_dict(state)
+    return model
+
+
 class LGFedAvg(Algorithm):
     """LG-FedAvg: the common FE is averaged over all clients, heads within each tier."""
 
@@ -354,7 +406,7 @@ class GeFLF(GeneratorAlgorithm):
         return super().aggregate(phase, state, results)
 
 
-ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, AvgKD, LGFedAvg, GeFL, GeFLF)}
+ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, AvgKD, FedDF, LGFedAvg, GeFL, GeFLF)}
 GENERATOR_LEVEL: dict[str, str] = {GeFL.name: IMAGE, GeFLF.name: FEATURE}
 """Which generator families each generator-based algorithm takes."""
 

@@ -71,6 +71,20 @@ class GeflConfig:
 
 
 @dataclass
+class FedDFConfig:
+    """FedDF's server-side distillation (the other algorithms ignore it)."""
+
+    public_dataset: str | None = None
+    """Where the unlabelled public images come from: null = the federation's own dataset, from the
+    training images its partition gives to no client; or another dataset's training images."""
+    public_size: int = 5000
+    steps: int = 100
+    """Adam steps per architecture per round, one batch of public images each."""
+    lr: float = 1e-3
+    temperature: float = 1.0
+
+
+@dataclass
 class AggregationConfig:
     weighted: bool = True
     """Weight client updates by their sample counts; the paper averages unweighted."""
@@ -104,7 +118,7 @@ class Config:
     data_dir: str | None = None
     seed: int = 0
     algorithm: str = "gefl-f"
-    """fedavg | fedprox | lg-fedavg | avgkd | gefl | gefl-f"""
+    """fedavg | fedprox | lg-fedavg | avgkd | feddf | gefl | gefl-f"""
     num_clients: int = 10
     tiers: list[str] = field(default_factory=lambda: list(PAPER_TIERS))
     """Client i trains tiers[i % len(tiers)]."""
@@ -114,6 +128,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gefl: GeflConfig = field(default_factory=GeflConfig)
+    feddf: FedDFConfig = field(default_factory=FedDFConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -223,6 +238,8 @@ def validate(cfg: Config) -> Config:
             raise unknown_name("tier", tier, list_tiers())
     if cfg.partition.kind not in PARTITIONS:
         raise unknown_name("partition", cfg.partition.kind, PARTITIONS)
+    if cfg.feddf.public_dataset is not None and cfg.feddf.public_dataset not in list_datasets():
+        raise unknown_name("dataset", cfg.feddf.public_dataset, list_datasets())
     gen = cfg.gefl.generator
     if cfg.algorithm in GENERATOR_LEVEL:
         level = GENERATOR_LEVEL[cfg.algorithm]
@@ -247,6 +264,8 @@ def validate(cfg: Config) -> Config:
         ("partition.alpha", cfg.partition.alpha), ("network.round_timeout", cfg.network.round_timeout),
         ("network.heartbeat_interval", cfg.network.heartbeat_interval),
         ("network.heartbeat_timeout", cfg.network.heartbeat_timeout),
+        ("feddf.public_size", cfg.feddf.public_size), ("feddf.steps", cfg.feddf.steps), ("feddf.lr", cfg.feddf.lr),
+        ("feddf.temperature", cfg.feddf.temperature),
     ]:
         _positive(key, value)
     for key, value in [

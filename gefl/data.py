@@ -13,12 +13,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gefl.errors import GeflError, unknown_name
+
+if TYPE_CHECKING:
+    from gefl.config import Config
 
 IMAGE_SIZE = 32
 MEAN, STD = 0.5, 0.5
@@ -370,6 +374,33 @@ def partition(
             np.sort(np.concatenate([shards[s] for s in order[c::num_clients]])) for c in range(num_clients)
         ]
     raise unknown_name("partition", kind, PARTITIONS)
+
+
+def client_indices(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's training indices under the config's partition and seed."""
+    p = cfg.partition
+    return partition(labels, cfg.num_clients, p.kind, samples_per_client=p.samples_per_client, alpha=p.alpha,
+                     shards_per_client=p.shards_per_client, seed=cfg.seed)
+
+
+def public_indices(cfg: Config, dataset: Dataset) -> np.ndarray:
+    """FedDF's unlabelled public set, as indices into `dataset.train`: `feddf.public_size` images
+    drawn with the run's seed, from those no client holds when `dataset` is the federation's own."""
+    f = cfg.feddf
+    pool = np.arange(len(dataset.train))
+    if dataset.name == cfg.dataset:
+        pool = np.setdiff1d(pool, np.concatenate(client_indices(cfg, dataset.train.labels.numpy())))
+    if len(pool) < f.public_size:
+        raise GeflError(f"feddf.public_size is {f.public_size}, but only {len(pool)} training images of "
+                        f"{dataset.name} belong to no client; lower feddf.public_size or name another "
+                        "feddf.public_dataset")
+    return np.sort(np.random.default_rng(cfg.seed).choice(pool, f.public_size, replace=False))
+
+
+def public_images(cfg: Config) -> torch.Tensor:
+    """The images of `public_indices`, from `feddf.public_dataset` or the federation's dataset."""
+    dataset = load_dataset(cfg.feddf.public_dataset or cfg.dataset, cfg.data_dir)
+    return dataset.train.images[torch.from_numpy(public_indices(cfg, dataset))]
 
 
 def _dirichlet(

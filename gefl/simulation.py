@@ -24,7 +24,7 @@ from gefl.algorithms import (
     make_algorithm,
 )
 from gefl.config import Config, config_from_dict, load_config
-from gefl.data import Dataset, Split, label_histogram, load_dataset, partition
+from gefl.data import Dataset, Split, client_indices, label_histogram, load_dataset
 from gefl.device_sim import DeviceSimulation, format_device_summary, training_mflops_per_sample
 from gefl.errors import GeflError
 from gefl.executor import WorkerContext, default_workers, make_executor
@@ -178,11 +178,7 @@ def simulate(
 
 def _split_clients(cfg: Config, dataset: Dataset, device: torch.device) -> dict[int, Split]:
     """Each client's share of the training set, by the configured partition and seed."""
-    p = cfg.partition
-    parts = partition(
-        dataset.train.labels.numpy(), cfg.num_clients, p.kind, samples_per_client=p.samples_per_client,
-        alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
-    )
+    parts = client_indices(cfg, dataset.train.labels.numpy())
     clients = {c: dataset.train.subset(idx) for c, idx in enumerate(parts)}
     if device.type != "cpu":
         clients = {c: Split(s.images.to(device), s.labels.to(device)) for c, s in clients.items()}

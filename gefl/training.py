@@ -119,10 +119,35 @@ def extract_features(fe: nn.Module, images: torch.Tensor, batch_size: int = 1000
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits in eval mode, without gradients (a teacher's outputs)."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
 def predict_proba(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Softmax outputs in eval mode (a teacher's soft labels)."""
-    model.eval()
-    return torch.cat([F.softmax(model(inputs[i: i + batch_size]), 1) for i in range(0, len(inputs), batch_size)])
+    return F.softmax(predict_logits(model, inputs, batch_size), 1)
+
+
+def distil(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int, batch_size: int,
+           lr: float, temperature: float, rng: torch.Generator) -> float:
+    """FedDF's server step: Adam on the KL divergence from the ensemble's soft targets to the
+    student's tempered softmax, one random batch of the unlabelled inputs per step. Returns the
+    mean loss."""
+    student.train()
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    total = 0.0
+    for _ in range(steps):
+        idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=rng)
+        log_probs = F.log_softmax(student(inputs[idx]) / temperature, 1)
+        loss = F.kl_div(log_probs, targets[idx], reduction="batchmean") * temperature**2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    return total / max(steps, 1)
 
 
 @torch.inference_mode()

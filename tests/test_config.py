@@ -39,7 +39,7 @@ def test_wrong_types_and_ranges_are_named(tmp_path):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(GeflError, match="unknown algorithm 'fedsgd'; valid algorithms are: avgkd, fedavg, fedprox"):
+    with pytest.raises(GeflError, match="unknown algorithm 'fedsgd'; valid algorithms are: avgkd, fedavg, feddf"):
         load_config(overrides=["algorithm=fedsgd"])
     with pytest.raises(GeflError, match="unknown dataset 'imagenet'.*fashion-mnist"):
         load_config(overrides=["dataset=imagenet"])
