@@ -189,8 +189,7 @@ class AvgKD(FedAvg):
             teachers.setdefault(tier, {})[entry] = value
         predictions = []
         for tier, sd in teachers.items():
-            teacher = get_model(tier, data.images.shape[1], num_classes).to(data.images.device)
-            teacher.load_state_dict(sd)
+            teacher = _tier_model(tier, sd, data.images.shape[1]).to(data.images.device)
             predictions.append(predict_proba(teacher, data.images))
         onehot = torch.nn.functional.one_hot(data.labels, num_classes).float()
         targets = 0.5 * onehot + 0.5 * torch.stack(predictions).mean(0)
@@ -224,7 +223,7 @@ class FedDF(FedAvg):
         averaged = super().aggregate(phase, state, results)
         if not results:
             return averaged
-        public, f = self.public(state.models[results[0].tier]["fe.conv.weight"].shape[1]), self.cfg.feddf
+        public, f = self.public(_in_channels(state)), self.cfg.feddf
         teachers = [_tier_model(r.tier, decode_state(r.state), public.shape[1]) for r in results]
         logits = torch.stack([predict_logits(m, public, self.cfg.eval.batch_size) for m in teachers]).mean(0)
         targets = torch.softmax(logits / f.temperature, dim=1)
@@ -235,6 +234,11 @@ class FedDF(FedAvg):
             distil(student, public, targets, f.steps, self.cfg.train.batch_size, f.lr, f.temperature, rng)
             models[tier] = student.state_dict()
         return GlobalState(models, averaged.generator)
+
+
+def _in_channels(state: GlobalState) -> int:
+    """The images' channels, read off the models' first convolution."""
+    return next(iter(state.models.values()))["fe.conv.weight"].shape[1]
 
 
 def _tier_model(tier: str, state: StateDict, in_channels: int) -> TierNet:
@@ -283,8 +287,7 @@ class GeneratorAlgorithm(LGFedAvg):
         """The generator is created when its phase begins (GeFL-F: its input is the frozen FE's output)."""
         if phase == GENERATOR and state.generator is None:
             torch.manual_seed(self.cfg.seed + 1)
-            in_channels = next(iter(state.models.values()))["fe.conv.weight"].shape[1]  # images' channels
-            return GlobalState(state.models, self.new_generator(in_channels, num_classes).state_dict())
+            return GlobalState(state.models, self.new_generator(_in_channels(state), num_classes).state_dict())
         return state
 
     # -- the generator on the wire -----------------------------------------------------------

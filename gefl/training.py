@@ -122,8 +122,7 @@ def extract_features(fe: nn.Module, images: torch.Tensor, batch_size: int = 1000
 def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Logits in eval mode, without gradients (a teacher's outputs)."""
     model.eval()
-    with torch.no_grad():
-        return torch.cat([model(inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return torch.cat([model(inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def predict_proba(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
