@@ -220,20 +220,21 @@ class FedDF(FedAvg):
         return self._public
 
     def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:
-        averaged = super().aggregate(phase, state, results)
         if not results:
-            return averaged
+            return state
+        updates = self._updates(results)  # decoded once: averaged, and the ensemble's members
+        averaged = per_architecture(updates, self.cfg.aggregation.weighted)
         public, f = self.public(_in_channels(state)), self.cfg.feddf
-        teachers = [_tier_model(r.tier, decode_state(r.state), public.shape[1]) for r in results]
+        teachers = [_tier_model(u.tier, u.state, public.shape[1]) for u in updates]
         logits = torch.stack([predict_logits(m, public, self.cfg.eval.batch_size) for m in teachers]).mean(0)
         targets = torch.softmax(logits / f.temperature, dim=1)
-        models = dict(averaged.models)
+        models = dict(state.models)
         rng = torch.Generator().manual_seed(self.cfg.seed)
-        for tier in sorted({r.tier for r in results}):
-            student = _tier_model(tier, averaged.models[tier], public.shape[1])
+        for tier in sorted(averaged):
+            student = _tier_model(tier, averaged[tier], public.shape[1])
             distil(student, public, targets, f.steps, self.cfg.train.batch_size, f.lr, f.temperature, rng)
             models[tier] = student.state_dict()
-        return GlobalState(models, averaged.generator)
+        return GlobalState(models, state.generator)
 
 
 def _in_channels(state: GlobalState) -> int:
