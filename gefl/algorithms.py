@@ -18,7 +18,7 @@ from gefl.config import Config
 from gefl.data import IMAGE_SIZE, Split, public_images
 from gefl.errors import GeflError, unknown_name
 from gefl.federation import Phase, RoundInfo
-from gefl.generators import FEATURE, IMAGE, Generator, build_generator
+from gefl.generators import FEATURE, IMAGE, STATS_PREFIX, Generator, build_generator
 from gefl.models import FE_CHANNELS, TierNet, get_model
 from gefl.training import (
     distil,
@@ -296,9 +296,11 @@ class GeneratorAlgorithm(LGFedAvg):
         return torch.float16 if self.cfg.gefl.generator.wire_dtype == "float16" else torch.float32
 
     def generator_wire(self, state: StateDict) -> StateDict:
-        """The generator as it travels: floating entries in `wire_dtype`, counters as they are."""
+        """The generator as it travels: floating weights in `wire_dtype`; counters, and the
+        sufficient statistics under `stats.` (sums, which float16 would round or overflow), as they are."""
         dtype = self._wire_dtype()
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return {k: v.to(dtype) if v.is_floating_point() and not k.startswith(STATS_PREFIX) else v
+                for k, v in state.items()}
 
     def round_artifacts(self, info: RoundInfo, state: GlobalState, tier: str) -> dict[str, bytes]:
         out = super().round_artifacts(info, state, tier)
@@ -348,7 +350,11 @@ class GeneratorAlgorithm(LGFedAvg):
     def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:
         if phase == GENERATOR:
             weights = [r.num_samples for r in results] if self.cfg.aggregation.weighted else None
-            return GlobalState(state.models, fedavg([self.decode_generator(r.state) for r in results], weights))
+            states = [self.decode_generator(r.state) for r in results]
+            merged = fedavg(states, weights)
+            for key in (k for k in merged if k.startswith(STATS_PREFIX)):  # statistics add up, weights average
+                merged[key] = torch.stack([s[key] for s in states]).sum(0)
+            return GlobalState(state.models, merged)
         return super().aggregate(phase, state, results)
 
 

@@ -98,8 +98,8 @@ def train_generator(
     optimizer: torch.optim.Optimizer,
     rng: torch.Generator,
 ) -> float:
-    """Epochs of the generator's own training steps on real data (images, or frozen-FE features);
-    returns the mean batch loss."""
+    """Epochs of the generator's own training steps on real data (images, or frozen-FE features),
+    then its summary of the data (`Generator.summarise`); returns the mean batch loss."""
     generator.train()
     total, steps = 0.0, 0
     for _ in range(epochs):
@@ -108,6 +108,7 @@ def train_generator(
                 continue
             total += generator.train_step(data[idx], labels[idx], optimizer)
             steps += 1
+    generator.summarise(data, labels)
     return total / max(steps, 1)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gefl.algorithms import GlobalState
+from gefl.algorithms import GENERATOR, ClientResult, GlobalState, make_algorithm
 from gefl.config import GeneratorConfig, config_from_dict
 from gefl.data import Dataset, Split
 from gefl.errors import GeflError
@@ -27,6 +27,7 @@ from gefl.generators import (
 )
 from gefl.models import count_parameters
 from gefl.rundir import RunDir, load_generator
+from gefl.wire import decode_state
 
 FEATURE_SHAPE = (3, 16, 16)
 IMAGE_SHAPE = (1, 32, 32)
@@ -232,7 +233,7 @@ def test_unknown_option_names_it_and_the_valid_options():
     with pytest.raises(GeflError, match="'depth'") as err:
         build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "small", {"depth": 3})
     assert "widths" in str(err.value) and "latent" in str(err.value)
-    assert generator_spec("cvae-f").options() == ["widths", "latent", "temperature"]
+    assert generator_spec("cvae-f").options() == ["widths", "latent", "temperature", "prior", "decoder_variance"]
 
 
 @pytest.mark.parametrize("family, options", [
@@ -460,3 +461,57 @@ def test_config_refuses_an_unknown_wire_dtype():
     with pytest.raises(GeflError, match="wire_dtype.*'int4'"):
         config_from_dict({"gefl": {"generator": {"wire_dtype": "int4"}}})
     assert config_from_dict({"gefl": {"generator": {"wire_dtype": "float32"}}}).gefl.generator.wire_dtype == "float32"
+
+
+# --------------------------------------------------------------------------- CVAE's class prior
+
+
+def _cvae_f_class_prior() -> torch.nn.Module:
+    return build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "small", {"prior": "class"})
+
+
+def test_class_prior_statistics_add_up_to_the_pooled_data_over_clients():
+    """Two clients summarise their own data; the aggregated statistics must be those of the two
+    clients' data pooled, though the generator weights travel as float16."""
+    torch.manual_seed(0)
+    gen = _cvae_f_class_prior()
+    x, y = _real_batch("cvae-f", 64)
+    y = torch.arange(64) % 3
+    parts = []
+    for part in (slice(0, 40), slice(40, 64)):
+        gen.summarise(x[part], y[part])
+        parts.append({k: v.clone() for k, v in gen.state_dict().items()})
+    gen.summarise(x, y)
+    pooled = gen.state_dict()
+    algorithm = make_algorithm(config_from_dict({"algorithm": "gefl-f"}))
+    wire = decode_state(algorithm.encode_generator(parts[0]))
+    assert wire["stats.moment"].dtype == torch.float32 and wire["decoder.0.weight"].dtype == torch.float16
+    results = [ClientResult(i, "cnn3", GENERATOR, algorithm.encode_generator(p), 32, 0.0) for i, p in enumerate(parts)]
+    merged = algorithm.aggregate(GENERATOR, GlobalState({}, pooled), results).generator
+    assert merged["stats.count"].tolist() == [22.0, 21.0, 21.0] + [0.0] * 7
+    for key in ("stats.sum", "stats.moment"):
+        assert torch.allclose(merged[key], pooled[key], atol=1e-4), key
+
+
+def test_class_prior_draws_each_class_around_its_own_codes():
+    """Seen classes: mean and covariance as recorded; an unseen class: the standard prior."""
+    gen = _cvae_f_class_prior()
+    codes = torch.tensor([[2.0] + [0.0] * 15, [4.0] + [0.0] * 15, [-3.0] + [0.0] * 15])
+    gen.stats.record(codes, torch.full_like(codes, -30.0), torch.tensor([1, 1, 2]))
+    mean, root, seen = gen.stats.scales()
+    assert seen.tolist() == [False, True, True] + [False] * 7
+    assert mean[1, 0].item() == pytest.approx(3.0) and mean[2, 0].item() == pytest.approx(-3.0)
+    cov = root[1] @ root[1].T
+    assert cov[0, 0].item() == pytest.approx(1.0, abs=1e-4) and cov[1:, 1:].abs().max().item() < 1e-4
+    assert torch.equal(mean[0], torch.zeros(16)) and torch.equal(root[0], torch.eye(16))
+
+
+def test_class_prior_needs_matching_statistics_in_a_checkpoint():
+    with pytest.raises(GeflError, match="missing stats.count"):
+        check_generator_state(_cvae_f_class_prior(), _cvae_f_small().state_dict(), "old.safetensors")
+
+
+@pytest.mark.parametrize("option, value", [("prior", "uniform"), ("decoder_variance", "learned")])
+def test_cvae_option_with_an_unknown_value_names_it(option, value):
+    with pytest.raises(GeflError, match=f"{option} must be .*'{value}'"):
+        build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "light", {option: value})

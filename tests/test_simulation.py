@@ -77,6 +77,22 @@ def test_gefl_f_runs_all_three_phases_with_a_frozen_shared_fe(tmp_path):
     assert all(m["bytes"]["down"]["model"] > 0 for m in metrics)
 
 
+def test_gefl_f_class_prior_counts_every_clients_samples(tmp_path):
+    """The class prior's statistics are summed over the clients, so after the generator rounds
+    the global generator has counted each class once per sample the federation holds."""
+    cfg = {
+        **BASE, "num_clients": 2, "tiers": ["cnn3"], "algorithm": "gefl-f", "rounds": 1, "train": {"local_epochs": 1},
+        "gefl": {"warmup_rounds": 1, "generator_rounds": 2,
+                 "generator": {"local_epochs": 1, "options": {"prior": "class", "temperature": 1.5}}},
+    }
+    summary = simulate(cfg, out=tmp_path / "run", progress=None)
+    gen = load_file(tmp_path / "run" / "weights" / "generator.safetensors")
+    clients = json.loads((tmp_path / "run" / "partition.json").read_text())
+    histogram = torch.tensor([c["label_histogram"] for c in clients], dtype=torch.float32).sum(0)
+    assert torch.equal(gen["stats.count"], histogram)
+    assert summary["mean_best_acc"] > 50.0, summary
+
+
 def test_fedprox_and_lg_fedavg_run(tmp_path):
     for algo in ("fedprox", "lg-fedavg"):
         summary = simulate({**BASE, "algorithm": algo, "rounds": 3, "train": {"local_epochs": 1}, "workers": 1},

@@ -21,6 +21,8 @@ from torch import nn
 from gefl.errors import GeflError, unknown_name
 
 IMAGE, FEATURE = "image", "feature"
+STATS_PREFIX = "stats."
+"""Generator entries that are sufficient statistics (see `Generator.summarise`), not weights."""
 
 
 class Generator(nn.Module):
@@ -50,6 +52,12 @@ class Generator(nn.Module):
     def sample(self, labels: torch.Tensor) -> torch.Tensor:
         """Samples for the given labels, on the real data's value range."""
         raise NotImplementedError
+
+    def summarise(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """After a client's local training: record in buffers under `stats.` what sampling needs
+        to know about the client's data (most families need nothing). Those buffers must be sums
+        over the client's samples: the aggregator adds them up over the clients (it averages the
+        weights), and they travel in float32 whatever the wire dtype."""
 
     def to_range(self, x: torch.Tensor) -> torch.Tensor:
         """Map a raw network output onto the real data's range: tanh for images, ReLU for features."""
