@@ -38,11 +38,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["fedavg", "fedprox", "lg-fedavg", "avgkd", "feddf", "gefl-cvae", "gefl-dcgan", "gefl-ddpm",
            "gefl-f-cvae", "gefl-f-dcgan", "gefl-f-ddpm", "gefl-f-light"]
 NONIID = ["fedavg", "gefl-f-light"]
+"""With --noniid a variant's base config is configs/noniid/'s (gefl-f-light-standard-prior works there too)."""
 SMALL = ["gefl.generator.preset=small"]
 VARIANTS = {
     # GeFL-F's schedule (20 warm-up + 50 head rounds, FE frozen after warm-up) without any generator:
     # what the generated features add, as opposed to the schedule itself.
     "gefl-f-no-generator": ("gefl-f-cvae", ["gefl.generator_rounds=0", "gefl.generated_passes=0"]),
+    # The lightweight generator's first version: the small preset drawing from the standard prior
+    # N(0, I), at temperature 1.5 (measured 82.59 over three seeds).
+    "gefl-f-light-standard-prior": ("gefl-f-light", ["gefl.generator.preset=small",
+                                                     "gefl.generator.options={temperature: 1.5}"]),
     **{f"{name}-small": (name, SMALL) for name in
        ("gefl-cvae", "gefl-dcgan", "gefl-ddpm", "gefl-f-cvae", "gefl-f-dcgan", "gefl-f-ddpm")},
 }
@@ -139,7 +144,7 @@ def write_results(out: Path, results: dict) -> None:
             f"{paper_text} |"
         )
     cfgs = results["configs"]
-    for ours in ("gefl-f-light", "gefl-f-cvae-small"):
+    for ours in ("gefl-f-light", "gefl-f-light-standard-prior", "gefl-f-cvae-small"):
         if "fedavg" not in cfgs or ours not in cfgs:
             continue
         common = sorted(set(cfgs["fedavg"]["summary"]["seeds"]) & set(cfgs[ours]["summary"]["seeds"]))
