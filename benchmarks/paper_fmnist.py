@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["fedavg", "fedprox", "lg-fedavg", "avgkd", "feddf", "gefl-cvae", "gefl-dcgan", "gefl-ddpm",
            "gefl-f-cvae", "gefl-f-dcgan", "gefl-f-ddpm", "gefl-f-light"]
 NONIID = ["fedavg", "gefl-f-light"]
-"""With --noniid a variant's base config is configs/noniid/'s (gefl-f-light-standard-prior works there too)."""
+"""With --noniid a variant's base config is configs/noniid/'s (the gefl-f-light-* variants work there too)."""
 SMALL = ["gefl.generator.preset=small"]
 VARIANTS = {
     # GeFL-F's schedule (20 warm-up + 50 head rounds, FE frozen after warm-up) without any generator:
@@ -48,6 +48,8 @@ VARIANTS = {
     # N(0, I), at temperature 1.5 (measured 82.59 over three seeds).
     "gefl-f-light-standard-prior": ("gefl-f-light", ["gefl.generator.preset=small",
                                                      "gefl.generator.options={temperature: 1.5}"]),
+    # Its second version: one Gaussian per class instead of a mixture of eight (measured 83.43).
+    "gefl-f-light-one-gaussian": ("gefl-f-light", ["gefl.generator.options={temperature: 1.25, prior_components: 1}"]),
     **{f"{name}-small": (name, SMALL) for name in
        ("gefl-cvae", "gefl-dcgan", "gefl-ddpm", "gefl-f-cvae", "gefl-f-dcgan", "gefl-f-ddpm")},
 }
@@ -144,7 +146,7 @@ def write_results(out: Path, results: dict) -> None:
             f"{paper_text} |"
         )
     cfgs = results["configs"]
-    for ours in ("gefl-f-light", "gefl-f-light-standard-prior", "gefl-f-cvae-small"):
+    for ours in ("gefl-f-light", "gefl-f-light-one-gaussian", "gefl-f-light-standard-prior", "gefl-f-cvae-small"):
         if "fedavg" not in cfgs or ours not in cfgs:
             continue
         common = sorted(set(cfgs["fedavg"]["summary"]["seeds"]) & set(cfgs[ours]["summary"]["seeds"]))

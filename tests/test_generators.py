@@ -233,7 +233,8 @@ def test_unknown_option_names_it_and_the_valid_options():
     with pytest.raises(GeflError, match="'depth'") as err:
         build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "small", {"depth": 3})
     assert "widths" in str(err.value) and "latent" in str(err.value)
-    assert generator_spec("cvae-f").options() == ["widths", "latent", "temperature", "prior", "decoder_variance"]
+    assert generator_spec("cvae-f").options() == ["widths", "latent", "temperature", "prior", "decoder_variance",
+                                                    "prior_components"]
 
 
 @pytest.mark.parametrize("family, options", [
@@ -466,44 +467,92 @@ def test_config_refuses_an_unknown_wire_dtype():
 # --------------------------------------------------------------------------- CVAE's class prior
 
 
-def _cvae_f_class_prior() -> torch.nn.Module:
-    return build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "small", {"prior": "class"})
+def _cvae_f_class_prior(components: int = 1) -> torch.nn.Module:
+    return build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "small",
+                           {"prior": "class", "prior_components": components})
 
 
-def test_class_prior_statistics_add_up_to_the_pooled_data_over_clients():
-    """Two clients summarise their own data; the aggregated statistics must be those of the two
-    clients' data pooled, though the generator weights travel as float16."""
+def _two_modes(n: int = 400) -> torch.Tensor:
+    """Codes of one class in two clusters, at -3 and +3 along the first latent dimension."""
+    codes = 0.3 * torch.randn(n, 16)
+    codes[:, 0] += torch.where(torch.arange(n) % 2 == 0, -3.0, 3.0)
+    return codes
+
+
+@pytest.mark.parametrize("components", [1, 3])
+def test_class_prior_statistics_add_up_to_the_pooled_data_over_clients(components):
+    """Two clients summarise their own data with the generator they both received; the
+    aggregated statistics must be those of the two clients' data pooled (one EM step over the
+    federation), though the generator weights travel as float16."""
     torch.manual_seed(0)
-    gen = _cvae_f_class_prior()
-    x, y = _real_batch("cvae-f", 64)
+    gen = _cvae_f_class_prior(components)
+    x, _ = _real_batch("cvae-f", 64)
     y = torch.arange(64) % 3
+    gen.summarise(x, y)  # a mixture to start the E-step from, as a later round would have
+    received = {k: v.clone() for k, v in gen.state_dict().items()}
     parts = []
-    for part in (slice(0, 40), slice(40, 64)):
+    for part in (slice(0, 40), slice(40, 64), slice(0, 64)):
+        gen.load_state_dict(received)
         gen.summarise(x[part], y[part])
         parts.append({k: v.clone() for k, v in gen.state_dict().items()})
-    gen.summarise(x, y)
-    pooled = gen.state_dict()
+    pooled = parts.pop()
     algorithm = make_algorithm(config_from_dict({"algorithm": "gefl-f"}))
     wire = decode_state(algorithm.encode_generator(parts[0]))
     assert wire["stats.moment"].dtype == torch.float32 and wire["decoder.0.weight"].dtype == torch.float16
     results = [ClientResult(i, "cnn3", GENERATOR, algorithm.encode_generator(p), 32, 0.0) for i, p in enumerate(parts)]
-    merged = algorithm.aggregate(GENERATOR, GlobalState({}, pooled), results).generator
-    assert merged["stats.count"].tolist() == [22.0, 21.0, 21.0] + [0.0] * 7
-    for key in ("stats.sum", "stats.moment"):
+    merged = algorithm.aggregate(GENERATOR, GlobalState({}, received), results).generator
+    assert merged["stats.count"].shape == (CLASSES, components)
+    assert merged["stats.count"].sum(1).tolist() == pytest.approx([22.0, 21.0, 21.0] + [0.0] * 7)
+    for key in ("stats.count", "stats.sum", "stats.moment"):
         assert torch.allclose(merged[key], pooled[key], atol=1e-4), key
 
 
-def test_class_prior_draws_each_class_around_its_own_codes():
-    """Seen classes: mean and covariance as recorded; an unseen class: the standard prior."""
+def test_class_prior_one_gaussian_per_class_and_the_standard_prior_for_an_unseen_class():
     gen = _cvae_f_class_prior()
     codes = torch.tensor([[2.0] + [0.0] * 15, [4.0] + [0.0] * 15, [-3.0] + [0.0] * 15])
     gen.stats.record(codes, torch.full_like(codes, -30.0), torch.tensor([1, 1, 2]))
-    mean, root, seen = gen.stats.scales()
+    share, mean, root, seen = gen.stats.mixture()
     assert seen.tolist() == [False, True, True] + [False] * 7
-    assert mean[1, 0].item() == pytest.approx(3.0) and mean[2, 0].item() == pytest.approx(-3.0)
-    cov = root[1] @ root[1].T
+    assert mean[1, 0, 0].item() == pytest.approx(3.0) and mean[2, 0, 0].item() == pytest.approx(-3.0)
+    cov = root[1, 0] @ root[1, 0].T
     assert cov[0, 0].item() == pytest.approx(1.0, abs=1e-4) and cov[1:, 1:].abs().max().item() < 1e-4
-    assert torch.equal(mean[0], torch.zeros(16)) and torch.equal(root[0], torch.eye(16))
+    _, from_mixture = gen.stats.draw(torch.tensor([0, 0, 1, 2]), torch.randn(4, 16))
+    assert from_mixture.tolist() == [False, False, True, True]  # sample() draws class 0 from N(0, I)
+    torch.manual_seed(0)
+    z, _ = gen.stats.draw(torch.full((4000,), 1), torch.randn(4000, 16))
+    assert z[:, 0].mean().item() == pytest.approx(3.0, abs=0.05)
+    assert z[:, 0].std().item() == pytest.approx(1.0, abs=0.05)
+    assert z[:, 1:].abs().max().item() < 0.05
+
+
+def test_class_prior_mixture_finds_a_class_with_two_modes_by_federated_em():
+    """Rounds of E-steps on two clients' codes, summed as the aggregator sums them: the two
+    components settle on the two clusters (from the split along the class's principal axis),
+    and draws fall near them, not between them."""
+    torch.manual_seed(0)
+    stats = _cvae_f_class_prior(2).stats
+    codes, labels = _two_modes(), torch.full((400,), 4)
+    logvar = torch.full_like(codes, -6.0)
+    client = _cvae_f_class_prior(2).stats
+    for _ in range(10):
+        received = {k: v.clone() for k, v in stats.state_dict().items()}
+        summed = None
+        for part in (slice(0, 150), slice(150, 400)):
+            client.load_state_dict(received)
+            client.record(codes[part], logvar[part], labels[part])
+            summed = {k: v.clone() if summed is None else summed[k] + v for k, v in client.state_dict().items()}
+        stats.load_state_dict(summed)
+    share, mean, root, seen = stats.mixture()
+    assert share[4].tolist() == pytest.approx([0.5, 0.5], abs=0.05)
+    assert sorted(mean[4, :, 0].tolist()) == pytest.approx([-3.0, 3.0], abs=0.1)
+    z, _ = stats.draw(torch.full((1000,), 4), torch.randn(1000, 16))
+    assert (z[:, 0].abs() > 1.5).float().mean() > 0.99  # one Gaussian would put a third in between
+    assert (z[:, 0] > 0).float().mean() == pytest.approx(0.5, abs=0.06)
+
+
+def test_class_prior_with_more_components_than_principal_directions_is_refused():
+    with pytest.raises(GeflError, match="prior_components can be at most 32 .*got 33"):
+        build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "light", {"prior_components": 33})
 
 
 def test_class_prior_needs_matching_statistics_in_a_checkpoint():
@@ -511,7 +560,8 @@ def test_class_prior_needs_matching_statistics_in_a_checkpoint():
         check_generator_state(_cvae_f_class_prior(), _cvae_f_small().state_dict(), "old.safetensors")
 
 
-@pytest.mark.parametrize("option, value", [("prior", "uniform"), ("decoder_variance", "learned")])
+@pytest.mark.parametrize("option, value", [("prior", "uniform"), ("decoder_variance", "learned"),
+                                           ("prior_components", 0)])
 def test_cvae_option_with_an_unknown_value_names_it(option, value):
-    with pytest.raises(GeflError, match=f"{option} must be .*'{value}'"):
+    with pytest.raises(GeflError, match=f"{option} must be .*{value!r}"):
         build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "light", {option: value})
