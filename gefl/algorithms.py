@@ -316,9 +316,19 @@ class GeneratorAlgorithm(LGFedAvg):
         return {k: v.float() if v.is_floating_point() else v for k, v in decode_state(data).items()}
 
     def check_result(self, result: ClientResult, state: GlobalState) -> None:
+        """Also refuse sample counts (`stats.count`, summed into every client's prior) that are
+        negative or add up to more samples than the client trained on: one client must not be
+        able to outweigh the others' data in what every client then samples from."""
         if result.phase == GENERATOR and state.generator is not None:
             state = GlobalState(state.models, self.generator_wire(state.generator))
         super().check_result(result, state)
+        if result.phase != GENERATOR:
+            return
+        count = decode_state(result.state).get(f"{STATS_PREFIX}count")
+        if count is not None and (count.min() < 0 or count.sum() > result.num_samples * (1 + 1e-3)):
+            raise GeflError(f"client {result.client_id}: generator statistics {STATS_PREFIX}count hold "
+                            f"{float(count.sum()):.1f} samples (smallest entry {float(count.min()):.1f}) for "
+                            f"{result.num_samples} trained on; counts must be non-negative and add up to at most that")
 
     # -- client side -------------------------------------------------------------------------
     def _client_generator(self, task: ClientTask, data: Split, num_classes: int) -> Generator:

@@ -52,6 +52,26 @@ def test_wrong_shapes_keys_and_missing_generator_are_refused(setup):
         algo.check_result(result({"w": torch.zeros(1)}, phase=GENERATOR), state)
 
 
+def test_generator_statistics_with_forged_counts_are_refused():
+    """A class prior's counts are summed into every client's sampling: negative ones, or more
+    than the client's own samples, would let one client outweigh the others."""
+    from gefl.algorithms import GlobalState
+    from gefl.generators import build_generator
+
+    algo = make_algorithm(config_from_dict({"algorithm": "gefl-f", "gefl": {"generator": {"preset": "light"}}}))
+    gen = build_generator("cvae-f", (3, 16, 16), 10, "light")
+    x, y = torch.rand(60, 3, 16, 16), torch.arange(60) % 10
+    gen.summarise(x, y)
+    state = GlobalState({}, gen.state_dict())
+    honest = ClientResult(0, "cnn3", GENERATOR, algo.encode_generator(gen.state_dict()), 60, 0.1)
+    algo.check_result(honest, state)
+    for forged, match in ((-1.0, r"smallest entry -1\.0"), (1e6, r"hold \d+\.\d samples .* for 60 trained on")):
+        bad = {k: v.clone() for k, v in gen.state_dict().items()}
+        bad["stats.count"][3, 0] = forged
+        with pytest.raises(GeflError, match=match):
+            algo.check_result(ClientResult(0, "cnn3", GENERATOR, algo.encode_generator(bad), 60, 0.1), state)
+
+
 def test_a_diverging_federation_stops_with_advice(tmp_path):
     from gefl import simulate
 
