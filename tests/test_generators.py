@@ -550,6 +550,20 @@ def test_class_prior_mixture_finds_a_class_with_two_modes_by_federated_em():
     assert (z[:, 0] > 0).float().mean() == pytest.approx(0.5, abs=0.06)
 
 
+def test_class_prior_e_step_survives_an_indefinite_covariance():
+    """Summed statistics whose covariance is not positive definite (rounding in float32 sums of
+    codes far from the origin, or a client's slightly inconsistent sums): the next E-step must
+    still split the codes by responsibility instead of failing on a Cholesky factorisation."""
+    stats = _cvae_f_class_prior(2).stats
+    codes, labels = _two_modes(100), torch.full((100,), 2)
+    logvar = torch.full_like(codes, -30.0)
+    stats.record(codes, logvar, labels)  # the class's Gaussian, to be split by the next E-step
+    stats.moment[2] -= 0.5 * stats.count[2, :, None, None] * torch.eye(16)  # variances 0.09 - 0.5
+    resp = stats.responsibilities(codes, labels)
+    assert torch.isfinite(resp).all() and torch.allclose(resp.sum(1), torch.ones(100))
+    assert (resp.argmax(1) == resp.argmax(1)[0]).float().mean() == pytest.approx(0.5, abs=0.1)  # still two modes
+
+
 def test_class_prior_with_more_components_than_principal_directions_is_refused():
     with pytest.raises(GeflError, match="prior_components can be at most 32 .*got 33"):
         build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "light", {"prior_components": 33})

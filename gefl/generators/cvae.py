@@ -90,9 +90,13 @@ class ClassLatentStats(nn.Module):
         if self.count.shape[1] == 1:
             return torch.ones(len(labels), 1, dtype=mu.dtype, device=mu.device)
         share, mean, cov = self._starting_mixture()
-        ridge = 1e-4 * torch.eye(mean.shape[-1], device=mean.device)
-        log_p = torch.distributions.MultivariateNormal(mean[labels], covariance_matrix=cov[labels] + ridge
-                                                       ).log_prob(mu[:, None, :])
+        # Gaussian log-densities through an eigendecomposition, with a small ridge and a floor on
+        # the variances, so that a nearly singular component (a handful of codes, or rounding in
+        # the summed statistics) cannot stop a client's round.
+        values, vectors = torch.linalg.eigh(cov)
+        values = (values + 1e-4).clamp(min=1e-4)
+        offset = torch.einsum("nkji,nkj->nki", vectors[labels], mu[:, None, :] - mean[labels])
+        log_p = -0.5 * ((offset**2 / values[labels]).sum(-1) + values[labels].log().sum(-1))
         log_p = torch.where(share[labels] > 0, log_p + share[labels].clamp(min=1e-12).log(), -torch.inf)
         return log_p.softmax(1)
 
