@@ -44,20 +44,25 @@ class ClassLatentStats(nn.Module):
         """The M-step from the statistics: per class and component, its share of the class's
         codes [C, K] (0 for a component without codes), mean [C, K, D] and a square root of its
         covariance [C, K, D, D]; per class, whether any client has seen it [C]."""
+        share, mean, cov, seen = self._fit()
+        return share, mean, _sqrtm(cov), seen
+
+    def _fit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`mixture` with covariances instead of their square roots (not clipped to be positive
+        semi-definite: the E-step floors the variances itself)."""
         alive = self.count >= 1.0
         mean, cov = _gaussian(self.count, self.sum, self.moment)
         share = torch.where(alive, self.count, torch.zeros_like(self.count))
         eye = torch.eye(mean.shape[-1], device=mean.device)
         cov = torch.where(alive[..., None, None], cov, eye)  # finite, never drawn from
-        return share / share.sum(1, keepdim=True).clamp(min=1.0), mean, _sqrtm(cov), alive.any(1)
+        return share / share.sum(1, keepdim=True).clamp(min=1.0), mean, cov, alive.any(1)
 
     def _starting_mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mixture the next E-step uses: the fitted one, or for a class with fewer than two
         components holding codes, its Gaussian split along the principal axes (equal shares);
         for an unseen class, everything on component 0."""
         classes, components, latent = self.sum.shape
-        share, mean, root, seen = self.mixture()
-        cov = root @ root.transpose(-1, -2)
+        share, mean, cov, seen = self._fit()
         class_mean, class_cov = _gaussian(self.count.sum(1), self.sum.sum(1), self.moment.sum(1))
         values, vectors = torch.linalg.eigh(class_cov)  # ascending: the largest axes last
         axes = (vectors * values.clamp(min=0.0).sqrt()[:, None, :]).flip(-1).transpose(1, 2)  # [C, D, D], rows
