@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from gefl.aggregator.coordinator import Client, Coordinator
+from gefl.protos import KEEPALIVE, MAX_MESSAGE
+from gefl.protos import gefl_v1_pb2 as pb
+from gefl.protos import gefl_v1_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aggregator.coordinator import Client, Coordinator
 from gefl.errors import GeflError
 from gefl.protocol import Refused, RegisterRequest, UploadHeader
 from gefl.wire import chunks
-from protos import KEEPALIVE, MAX_MESSAGE
-from protos import gefl_v1_pb2 as pb
-from protos import gefl_v1_pb2_grpc as pb_grpc
 
 SERVICE = "gefl.v1.Aggregator"
 

@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aggregator.coordinator import Coordinator
-from aggregator.grpc_server import start_server
-from aggregator.serve import build_coordinator
+from gefl.aggregator.coordinator import Coordinator
+from gefl.aggregator.grpc_server import start_server
+from gefl.aggregator.serve import build_coordinator
+
 from gefl.config import Config
 from gefl.errors import GeflError
 from gefl.image_folder import client_dir_name, write_split
@@ -68,8 +69,9 @@ def simulate_over_network(cfg: Config, transport: str = "grpc", *, broker: str |
             stack.callback(lambda: server.stop(grace=0.5).wait())
             aggregator = f"127.0.0.1:{port}"
         else:
-            from aggregator.mosquitto import Mosquitto
-            from aggregator.mqtt_bridge import MqttBridge
+            from gefl.aggregator.mosquitto import Mosquitto
+            from gefl.aggregator.mqtt_bridge import MqttBridge
+
             from gefl.mqtt import MqttAuth, parse_broker_url
 
             if broker is None:

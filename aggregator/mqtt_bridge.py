@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aggregator.coordinator import Client, Coordinator
+from gefl.aggregator.coordinator import Client, Coordinator
+
 from gefl import mqtt as m
 from gefl.errors import GeflError
 from gefl.protocol import PROTOCOL_VERSION, Refused, RegisterRequest, TaskInfo, UploadHeader, valid_client_name

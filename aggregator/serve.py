@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.coordinator import Coordinator, Settings
-from aggregator.grpc_server import SERVICE, TlsFiles, start_server
-from aggregator.training_logic import TrainingLogic
+from gefl.aggregator.coordinator import Coordinator, Settings
+from gefl.aggregator.grpc_server import SERVICE, TlsFiles, start_server
+from gefl.aggregator.training_logic import TrainingLogic
+
 from gefl.config import Config
 from gefl.data import load_dataset
 from gefl.errors import GeflError
@@ -79,7 +80,7 @@ def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls:
             faces.append(f"gRPC on {listen.rsplit(':', 1)[0]}:{port} "
                          f"({'mutual TLS' if tls and tls.client_ca else 'TLS' if tls else 'no TLS'})")
         if mqtt is not None:
-            from aggregator.mqtt_bridge import MqttBridge
+            from gefl.aggregator.mqtt_bridge import MqttBridge
 
             bridge = MqttBridge(coordinator, mqtt.url, mqtt.auth, say)
             bridge.start()

@@ -21,20 +21,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# This script shares its name with the `export` package, and Python puts the script's folder
-# first on the path: drop it, so `import export` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import onnxruntime as ort
+import torch
+from gefl.export.infer import open_session
+from gefl.export.onnx_export import export_run, load_tier
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from export.infer import open_session  # noqa: E402
-from export.onnx_export import export_run, load_tier  # noqa: E402
-from gefl.config import load_config  # noqa: E402
-from gefl.data import read_idx  # noqa: E402
-from gefl.simulation import simulate  # noqa: E402
+from gefl.config import load_config
+from gefl.data import read_idx
+from gefl.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = {1: 200, 64: 20}

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gefl.edge_client.probe import cpu_model
 
-from edge_client.probe import cpu_model
 from gefl.models import OPT_IN_TIERS, count_parameters, get_model, list_tiers
 
 ROOT = Path(__file__).resolve().parent.parent

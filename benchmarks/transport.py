@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from gefl.edge_client.probe import cpu_model
 
-from edge_client.probe import cpu_model
 from gefl.errors import GeflError
 from gefl.federation import Phase
 
@@ -181,8 +181,8 @@ _OFFLINE = re.compile(r"^client (\d+) \((.*?)\) is offline: (.*)$")
 
 def run_aggregator(args: argparse.Namespace) -> int:
     """The production coordinator and gRPC server around an EchoLogic; one JSON line at the end."""
-    from aggregator.coordinator import Coordinator, Settings
-    from aggregator.grpc_server import start_server
+    from gefl.aggregator.coordinator import Coordinator, Settings
+    from gefl.aggregator.grpc_server import start_server
 
     log: list[tuple[float, str]] = []
 
@@ -198,7 +198,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
                         heartbeat_interval=HEARTBEAT_INTERVAL_S, heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
     coordinator = Coordinator(logic, settings, TOKEN, state_dir=None, say=say)
     if args.transport == "mqtt":  # the bridge to the broker the parent started on --port
-        from aggregator.mqtt_bridge import MqttBridge
+        from gefl.aggregator.mqtt_bridge import MqttBridge
+
         from gefl.mqtt import MqttAuth, parse_broker_url
 
         bridge = MqttBridge(coordinator, parse_broker_url(f"mqtt://127.0.0.1:{args.port}/{logic.federation}"),
@@ -238,11 +239,12 @@ def _own_connection_transport(address: str) -> Any:
     each echo client its own connection.
     """
     if address.startswith("mqtt://"):
-        from edge_client.mqtt_transport import MqttClientTransport
+        from gefl.edge_client.mqtt_transport import MqttClientTransport
+
         from gefl.mqtt import MqttAuth, parse_broker_url
 
         return MqttClientTransport(parse_broker_url(address), TOKEN, MqttAuth(), say=lambda _m: None)
-    from edge_client.grpc_transport import GrpcClientTransport
+    from gefl.edge_client.grpc_transport import GrpcClientTransport
 
     return GrpcClientTransport(address, TOKEN, channel_options=[("grpc.use_local_subchannel_pool", 1)])
 
@@ -276,7 +278,8 @@ def echo_client(address: str, name: str, stall: bool, report: _ClientReport) -> 
     With `stall`, the client takes its first task from round 2 on, says so on stdout and sleeps
     with its heartbeat still going: a device that hung mid-round, which the benchmark then kills.
     """
-    from edge_client.transport import Unavailable
+    from gefl.edge_client.transport import Unavailable
+
     from gefl.protocol import FINISHED, TRAIN, RegisterRequest, UploadHeader
     from gefl.wire import sha256
 
@@ -468,7 +471,7 @@ def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = F
     with fleet() as children, contextlib.ExitStack() as stack:
         broker_rss = None
         if transport == "mqtt":
-            from aggregator.mosquitto import Mosquitto
+            from gefl.aggregator.mosquitto import Mosquitto
 
             broker = stack.enter_context(Mosquitto(port))
         agg = start_aggregator(children, port, clients, clients, size, rounds, timeout + 30, verbose,
@@ -692,7 +695,7 @@ def evaluate_targets(result: dict) -> list[dict]:
 
 
 def _mosquitto_version() -> str:
-    from aggregator.mosquitto import mosquitto_binary
+    from gefl.aggregator.mosquitto import mosquitto_binary
 
     out = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout
     return out.split("\n")[0].replace("mosquitto version", "").strip()

@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+from gefl.edge_client.transport import Unauthenticated, Unavailable
+from gefl.protos import KEEPALIVE, MAX_MESSAGE
+from gefl.protos import gefl_v1_pb2 as pb
+from gefl.protos import gefl_v1_pb2_grpc as pb_grpc
 
-from edge_client.transport import Unauthenticated, Unavailable
 from gefl.errors import GeflError
 from gefl.protocol import (
     ArtifactRef,
@@ -25,9 +28,6 @@ from gefl.protocol import (
     UploadHeader,
 )
 from gefl.wire import chunks, sha256
-from protos import KEEPALIVE, MAX_MESSAGE
-from protos import gefl_v1_pb2 as pb
-from protos import gefl_v1_pb2_grpc as pb_grpc
 
 CALL_TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 600.0

@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge_client.transport import Unauthenticated, Unavailable
+from gefl.edge_client.transport import Unauthenticated, Unavailable
+
 from gefl import mqtt as m
 from gefl.errors import GeflError
 from gefl.protocol import (

@@ -19,8 +19,8 @@ from typing import TypeVar
 
 import numpy as np
 import yaml
+from gefl.edge_client.transport import ClientTransport, Unauthenticated, Unavailable
 
-from edge_client.transport import ClientTransport, Unauthenticated, Unavailable
 from gefl.errors import GeflError
 from gefl.image_folder import read_image_folder
 from gefl.protocol import FINISHED, TRAIN, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
@@ -120,7 +120,7 @@ class ClientRuntime:
             self.transport.close()
 
     def _profile(self) -> dict:
-        from edge_client.probe import probe
+        from gefl.edge_client.probe import probe
 
         profile = probe().to_dict()
         profile["cuda"] = bool(profile.get("cuda"))

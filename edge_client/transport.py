@@ -54,7 +54,7 @@ def open_transport(aggregator: str, enrol_token: str, *, ca: str | None = None, 
     from gefl import mqtt
 
     if mqtt.is_broker_url(aggregator):
-        from edge_client.mqtt_transport import MqttClientTransport
+        from gefl.edge_client.mqtt_transport import MqttClientTransport
 
         auth = mqtt.MqttAuth(mqtt_user, mqtt_password, Path(ca) if ca else None, Path(cert) if cert else None,
                              Path(key) if key else None)
@@ -62,6 +62,6 @@ def open_transport(aggregator: str, enrol_token: str, *, ca: str | None = None, 
     if mqtt_user or mqtt_password:
         raise GeflError("--mqtt-user and --mqtt-password are for an MQTT aggregator (mqtt[s]://HOST:PORT); "
                         f"{aggregator} is a gRPC address")
-    from edge_client.grpc_transport import GrpcClientTransport
+    from gefl.edge_client.grpc_transport import GrpcClientTransport
 
     return GrpcClientTransport(aggregator, enrol_token, ca=ca, cert=cert, key=key)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from gefl.export.metadata import INPUT_NAME, ModelInfo
 from PIL import Image, UnidentifiedImageError
 
-from export.metadata import INPUT_NAME, ModelInfo
 from gefl.errors import GeflError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")

@@ -19,10 +19,10 @@ import onnx
 import onnxruntime as ort
 import torch
 import yaml
+from gefl.export.infer import open_session
+from gefl.export.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from gefl.export.quantize import QUANTIZE_MODES, quantize
 
-from export.infer import open_session
-from export.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
-from export.quantize import QUANTIZE_MODES, quantize
 from gefl.data import MEAN, STD, Dataset, load_dataset
 from gefl.errors import GeflError
 from gefl.models import TierNet

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from gefl.export.metadata import INPUT_NAME
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -21,8 +22,6 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
-
-from export.metadata import INPUT_NAME
 
 QUANTIZE_MODES = ("none", "dynamic", "static")
 

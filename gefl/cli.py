@@ -18,15 +18,11 @@ _TRAIN_MODULES = {"torch", "torchvision", "safetensors", "yaml", "onnx", "onnxsc
 """Modules of the `train` extra: a board with only `infer` installed gets told what to install."""
 
 
-def _configs_dir() -> Path:
-    """configs/ of the checkout the package is installed from (the README installs with -e)."""
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
 def _load(args: argparse.Namespace, extra: list[str] | None = None):  # -> Config, typed lazily
     from gefl.config import load_config
+    from gefl.resources import resolve
 
-    config = args.config or _configs_dir() / DEFAULT_CONFIG
+    config = resolve(args.config or DEFAULT_CONFIG, "config")
     overrides = list(args.set or []) + list(extra or [])
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
@@ -40,7 +36,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.broker and args.transport != "mqtt":
         raise GeflError("--broker is for --transport mqtt")
     if args.transport in ("grpc", "mqtt"):
-        from aggregator.local_federation import simulate_over_network
+        from gefl.aggregator.local_federation import simulate_over_network
 
         if cfg.devices is not None:
             raise GeflError("--devices simulates device speeds in one process; it does not combine with "
@@ -54,7 +50,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _tls_files(cert: str | None, key: str | None, client_ca: str | None):  # -> TlsFiles | None
-    from aggregator.grpc_server import TlsFiles
+    from gefl.aggregator.grpc_server import TlsFiles
 
     if (cert is None) != (key is None):
         raise GeflError("--tls-cert and --tls-key go together (the server certificate and its private key)")
@@ -66,7 +62,7 @@ def _tls_files(cert: str | None, key: str | None, client_ca: str | None):  # -> 
 def _aggregator_serve(args: argparse.Namespace) -> int:
     import os
 
-    from aggregator.serve import MqttEndpoint, serve
+    from gefl.aggregator.serve import MqttEndpoint, serve
     from gefl.mqtt import parse_broker_url
 
     cfg = _load(args)
@@ -100,8 +96,8 @@ def _mqtt_auth(user: str | None, ca: str | None, cert: str | None, key: str | No
 def _client_run(args: argparse.Namespace) -> int:
     import os
 
-    from edge_client.runtime import ClientOptions, ClientRuntime
-    from edge_client.transport import open_transport
+    from gefl.edge_client.runtime import ClientOptions, ClientRuntime
+    from gefl.edge_client.transport import open_transport
 
     token = args.token or os.environ.get("GEFL_TOKEN")
     if not token:
@@ -135,8 +131,8 @@ def _list(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     import json
 
-    from edge_client.probe import format_profile, probe
     from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
+    from gefl.edge_client.probe import format_profile, probe
 
     _, defaults = load_profiles(DEVICES_PATH)
     policy = Policy(
@@ -166,7 +162,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_run
+    from gefl.export.onnx_export import export_run
 
     tiers = None if args.tiers in (None, "all") else [t.strip() for t in args.tiers.split(",") if t.strip()]
     export_run(args.run_dir, args.out, tiers=tiers, quantize_mode=args.quantize, data_dir=args.data_dir)
@@ -183,7 +179,7 @@ def _samples(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from export.infer import run
+    from gefl.export.infer import run
 
     if args.top < 1:
         raise GeflError(f"--top must be at least 1, got {args.top}")

@@ -21,10 +21,10 @@ from typing import Any
 import yaml
 
 from gefl.errors import GeflError, unknown_name
+from gefl.resources import packaged, resolve
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-CATALOGUE_PATH = CONFIGS / "tiers.yaml"
-DEVICES_PATH = CONFIGS / "devices.yaml"
+CATALOGUE_PATH = packaged("tiers.yaml")
+DEVICES_PATH = packaged("devices.yaml")
 MEMORY_FRACTION = 0.5
 """Share of the available memory training may take; the rest is for the OS and other work."""
 
@@ -258,7 +258,8 @@ def load_mix(path: str | Path) -> tuple[list[DeviceProfile], Policy]:
     """A devices file for `gefl simulate --devices`: a `mix`, plus optional `profiles` and `policy`
     that extend or override configs/devices.yaml."""
     profiles, policy = load_profiles(DEVICES_PATH)
-    data = _read_yaml(Path(path), "devices file")
+    path = resolve(path, "devices file")
+    data = _read_yaml(path, "devices file")
     unknown = set(data) - {"profiles", "policy", "mix"}
     if unknown:
         raise GeflError(f"devices file {path}: unknown keys {sorted(unknown)}; valid keys are mix, profiles, policy")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import gefl_v1_pb2 as protos_dot_gefl__v1__pb2
+from gefl.protos import gefl_v1_pb2 as gefl_dot_protos_dot_gefl__v1__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/gefl_v1_pb2_grpc.py depends on'
+        + ' but the generated code in gefl/protos/gefl_v1_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,28 +37,28 @@ class AggregatorStub:
         """
         self.Register = channel.unary_unary(
                 '/gefl.v1.Aggregator/Register',
-                request_serializer=protos_dot_gefl__v1__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=protos_dot_gefl__v1__pb2.RegisterReply.FromString,
+                request_serializer=gefl_dot_protos_dot_gefl__v1__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.RegisterReply.FromString,
                 _registered_method=True)
         self.FetchTask = channel.unary_unary(
                 '/gefl.v1.Aggregator/FetchTask',
-                request_serializer=protos_dot_gefl__v1__pb2.FetchTaskRequest.SerializeToString,
-                response_deserializer=protos_dot_gefl__v1__pb2.Task.FromString,
+                request_serializer=gefl_dot_protos_dot_gefl__v1__pb2.FetchTaskRequest.SerializeToString,
+                response_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.Task.FromString,
                 _registered_method=True)
         self.Download = channel.unary_stream(
                 '/gefl.v1.Aggregator/Download',
-                request_serializer=protos_dot_gefl__v1__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=protos_dot_gefl__v1__pb2.Chunk.FromString,
+                request_serializer=gefl_dot_protos_dot_gefl__v1__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.Chunk.FromString,
                 _registered_method=True)
         self.Upload = channel.stream_unary(
                 '/gefl.v1.Aggregator/Upload',
-                request_serializer=protos_dot_gefl__v1__pb2.UploadMessage.SerializeToString,
-                response_deserializer=protos_dot_gefl__v1__pb2.UploadReply.FromString,
+                request_serializer=gefl_dot_protos_dot_gefl__v1__pb2.UploadMessage.SerializeToString,
+                response_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.UploadReply.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.stream_stream(
                 '/gefl.v1.Aggregator/Heartbeat',
-                request_serializer=protos_dot_gefl__v1__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_gefl__v1__pb2.HeartbeatReply.FromString,
+                request_serializer=gefl_dot_protos_dot_gefl__v1__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
 
 
@@ -105,28 +105,28 @@ def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_gefl__v1__pb2.RegisterRequest.FromString,
-                    response_serializer=protos_dot_gefl__v1__pb2.RegisterReply.SerializeToString,
+                    request_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.RegisterRequest.FromString,
+                    response_serializer=gefl_dot_protos_dot_gefl__v1__pb2.RegisterReply.SerializeToString,
             ),
             'FetchTask': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchTask,
-                    request_deserializer=protos_dot_gefl__v1__pb2.FetchTaskRequest.FromString,
-                    response_serializer=protos_dot_gefl__v1__pb2.Task.SerializeToString,
+                    request_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.FetchTaskRequest.FromString,
+                    response_serializer=gefl_dot_protos_dot_gefl__v1__pb2.Task.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
-                    request_deserializer=protos_dot_gefl__v1__pb2.DownloadRequest.FromString,
-                    response_serializer=protos_dot_gefl__v1__pb2.Chunk.SerializeToString,
+                    request_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.DownloadRequest.FromString,
+                    response_serializer=gefl_dot_protos_dot_gefl__v1__pb2.Chunk.SerializeToString,
             ),
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
-                    request_deserializer=protos_dot_gefl__v1__pb2.UploadMessage.FromString,
-                    response_serializer=protos_dot_gefl__v1__pb2.UploadReply.SerializeToString,
+                    request_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.UploadMessage.FromString,
+                    response_serializer=gefl_dot_protos_dot_gefl__v1__pb2.UploadReply.SerializeToString,
             ),
             'Heartbeat': grpc.stream_stream_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_gefl__v1__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_gefl__v1__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=gefl_dot_protos_dot_gefl__v1__pb2.HeartbeatRequest.FromString,
+                    response_serializer=gefl_dot_protos_dot_gefl__v1__pb2.HeartbeatReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -155,8 +155,8 @@ class Aggregator:
             request,
             target,
             '/gefl.v1.Aggregator/Register',
-            protos_dot_gefl__v1__pb2.RegisterRequest.SerializeToString,
-            protos_dot_gefl__v1__pb2.RegisterReply.FromString,
+            gefl_dot_protos_dot_gefl__v1__pb2.RegisterRequest.SerializeToString,
+            gefl_dot_protos_dot_gefl__v1__pb2.RegisterReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -182,8 +182,8 @@ class Aggregator:
             request,
             target,
             '/gefl.v1.Aggregator/FetchTask',
-            protos_dot_gefl__v1__pb2.FetchTaskRequest.SerializeToString,
-            protos_dot_gefl__v1__pb2.Task.FromString,
+            gefl_dot_protos_dot_gefl__v1__pb2.FetchTaskRequest.SerializeToString,
+            gefl_dot_protos_dot_gefl__v1__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,
@@ -209,8 +209,8 @@ class Aggregator:
             request,
             target,
             '/gefl.v1.Aggregator/Download',
-            protos_dot_gefl__v1__pb2.DownloadRequest.SerializeToString,
-            protos_dot_gefl__v1__pb2.Chunk.FromString,
+            gefl_dot_protos_dot_gefl__v1__pb2.DownloadRequest.SerializeToString,
+            gefl_dot_protos_dot_gefl__v1__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -236,8 +236,8 @@ class Aggregator:
             request_iterator,
             target,
             '/gefl.v1.Aggregator/Upload',
-            protos_dot_gefl__v1__pb2.UploadMessage.SerializeToString,
-            protos_dot_gefl__v1__pb2.UploadReply.FromString,
+            gefl_dot_protos_dot_gefl__v1__pb2.UploadMessage.SerializeToString,
+            gefl_dot_protos_dot_gefl__v1__pb2.UploadReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -263,8 +263,8 @@ class Aggregator:
             request_iterator,
             target,
             '/gefl.v1.Aggregator/Heartbeat',
-            protos_dot_gefl__v1__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_gefl__v1__pb2.HeartbeatReply.FromString,
+            gefl_dot_protos_dot_gefl__v1__pb2.HeartbeatRequest.SerializeToString,
+            gefl_dot_protos_dot_gefl__v1__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,

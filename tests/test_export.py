@@ -13,11 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from gefl.export.infer import Classifier, collect_images
+from gefl.export.metadata import ModelInfo
+from gefl.export.onnx_export import PARITY_TOLERANCE, export_run, load_tier
 from PIL import Image
 
-from export.infer import Classifier, collect_images
-from export.metadata import ModelInfo
-from export.onnx_export import PARITY_TOLERANCE, export_run, load_tier
 from gefl import simulate
 from gefl.data import read_idx, to_tensor
 from gefl.errors import GeflError

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from gefl.aggregator.grpc_server import start_server
+from gefl.aggregator.serve import build_coordinator
 
-from aggregator.grpc_server import start_server
-from aggregator.serve import build_coordinator
 from gefl import simulate
 from gefl.config import config_from_dict
 from gefl.image_folder import write_split
@@ -36,7 +36,7 @@ def _client(address: str, data: Path, name: str, tier: str = "cnn2", token: str 
 
 def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp_path):
     local = simulate(SHORT, out=tmp_path / "local", progress=None)
-    from aggregator.local_federation import simulate_over_network
+    from gefl.aggregator.local_federation import simulate_over_network
 
     remote = simulate_over_network(config_from_dict(SHORT), "grpc", out=tmp_path / "grpc", progress=None)
     assert abs(remote["mean_best_acc"] - local["mean_best_acc"]) <= 0.5

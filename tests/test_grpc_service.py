@@ -13,12 +13,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from gefl.aggregator.grpc_server import TlsFiles, start_server
+from gefl.aggregator.serve import build_coordinator
+from gefl.edge_client.grpc_transport import GrpcClientTransport
+from gefl.edge_client.transport import Unauthenticated, Unavailable
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aggregator.grpc_server import TlsFiles, start_server
-from aggregator.serve import build_coordinator
-from edge_client.grpc_transport import GrpcClientTransport
-from edge_client.transport import Unauthenticated, Unavailable
 from gefl.config import config_from_dict
 from gefl.protocol import TRAIN, Refused, RegisterRequest, UploadHeader
 from gefl.wire import decode_arrays, encode_arrays, encode_state, sha256

@@ -5,9 +5,9 @@ broker is killed and restarted mid-run."""
 from __future__ import annotations
 
 import pytest
+from gefl.aggregator.local_federation import simulate_over_network
+from gefl.aggregator.mosquitto import Mosquitto
 
-from aggregator.local_federation import simulate_over_network
-from aggregator.mosquitto import Mosquitto
 from gefl import simulate
 from gefl.config import config_from_dict
 from gefl.image_folder import write_split

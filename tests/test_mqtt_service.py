@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from gefl.aggregator.mosquitto import Mosquitto, free_port
+from gefl.aggregator.mqtt_bridge import MqttBridge
+from gefl.aggregator.serve import build_coordinator
+from gefl.edge_client.mqtt_transport import MqttClientTransport
 
-from aggregator.mosquitto import Mosquitto, free_port
-from aggregator.mqtt_bridge import MqttBridge
-from aggregator.serve import build_coordinator
-from edge_client.mqtt_transport import MqttClientTransport
 from gefl import mqtt as m
 from gefl.config import config_from_dict
 from gefl.errors import GeflError

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from gefl.edge_client.probe import DeviceProfile, format_profile, probe
 
-from edge_client.probe import DeviceProfile, format_profile, probe
 from gefl.errors import GeflError
 
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "schemas" / "probe.schema.json"

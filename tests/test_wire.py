@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from gefl.edge_client.runtime import Backoff
 from safetensors.torch import save
 
-from edge_client.runtime import Backoff
 from gefl.errors import GeflError
 from gefl.models import get_model
 from gefl.wire import arrays_digest, chunks, decode_arrays, decode_state, encode_state
@@ -42,8 +42,9 @@ def test_chunks_cover_the_payload_in_order():
 
 
 def test_the_wire_and_the_client_transport_import_no_torch():
-    code = ("import sys, gefl.wire, gefl.protocol, edge_client.grpc_transport, aggregator.coordinator, "
-            "aggregator.grpc_server; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    code = ("import sys, gefl.wire, gefl.protocol, gefl.edge_client.grpc_transport, "
+            "gefl.aggregator.coordinator, gefl.aggregator.grpc_server; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
