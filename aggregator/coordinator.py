@@ -100,8 +100,8 @@ class Settings:
     num_clients: int
     min_clients: int
     round_timeout: float
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 3.0
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 20.0
     client_fraction: float = 1.0
     seed: int = 0
     eval_every: int = 10
@@ -161,7 +161,7 @@ class Coordinator:
     def register(self, enrol_token: str, request: RegisterRequest) -> Registration:
         if not hmac.compare_digest(_hash(enrol_token), self._enrol_sha256):
             raise Refused(p.UNAUTHENTICATED, "registration refused: wrong or missing enrolment token "
-                          "(pass the aggregator's token with --token or GEFL_TOKEN)")
+                          "(give the aggregator's token in GEFL_TOKEN or a --token-file)")
         if request.protocol_version != p.PROTOCOL_VERSION:
             raise Refused(p.FAILED_PRECONDITION, f"protocol version {request.protocol_version} is not supported; "
                           f"this aggregator speaks version {p.PROTOCOL_VERSION}: upgrade gefl-edge on the device")

@@ -68,7 +68,7 @@ def probe(root: str | Path = "/", *, measure: bool = True, use_cuda: bool = True
     board, family = _detect_board(root)
     total, available = _real_memory() if real else _meminfo_memory(root / "proc/meminfo")
     return DeviceProfile(
-        arch=_arch(root),
+        arch=(platform.machine() or "unknown") if real else _tree_arch(root),
         cpu_count=_real_cpu_count() if real else _tree_cpu_count(root),
         memory_total_bytes=total,
         memory_available_bytes=available,
@@ -229,8 +229,11 @@ def _count_cpu_list(text: str) -> int:
     return count
 
 
-def _arch(root: Path) -> str:
-    """The kernel's architecture; from the tree when it says, so a fake aarch64 board stays aarch64."""
+def _tree_arch(root: Path) -> str:
+    """The architecture a fake device tree says, so a fake aarch64 board stays aarch64.
+
+    On the running machine the probe asks Python instead (platform.machine()): that is the view
+    that matches the wheels pip installs, and under qemu-user the kernel's own file names the host."""
     text = (_read_text(root / "proc/sys/kernel/arch") or "").strip()
     return text or platform.machine() or "unknown"
 

@@ -8,6 +8,7 @@ whichever round is open when it is back. Its heartbeat stream runs on a thread b
 
 from __future__ import annotations
 
+import importlib
 import random
 import socket
 import threading
@@ -99,11 +100,15 @@ class ClientRuntime:
         histogram = np.bincount(labels, minlength=len(classes)).tolist()
         request = RegisterRequest(name=name, tier=opts.tier, profile=profile, num_samples=len(images),
                                   label_histogram=tuple(histogram))
+        # torch's import takes seconds on a board (tens under emulation) and holds the GIL while it
+        # loads its libraries, so no heartbeat could go out meanwhile: pay for it before registering,
+        # while the aggregator does not yet count this client, and start the heartbeats right after.
+        importlib.import_module("gefl.algorithms")
         reg = self._register(request)
-        cfg, split, algorithm, num_classes = self._prepare(reg, images.shape[1])
         heartbeat = threading.Thread(target=self._heartbeats, args=(reg,), name="gefl-heartbeat", daemon=True)
         heartbeat.start()
         try:
+            cfg, split, algorithm, num_classes = self._prepare(reg, images.shape[1])
             while True:
                 try:
                     task = self._retrying("fetch task", lambda: self.transport.fetch_task(opts.poll_s))

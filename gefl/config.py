@@ -106,9 +106,11 @@ class NetworkConfig:
     only with this many results (fewer by the deadline: the round runs again). null = num_clients."""
     round_timeout: float = 600.0
     """Seconds a round waits for results; a client that is slower is left out of that round."""
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 3.0
-    """A client silent this long (no heartbeat, no call) is counted offline and not waited for."""
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 20.0
+    """A client silent this long (no heartbeat, no call) is counted offline and not waited for.
+    Generous, because a slow board under load must never be taken for a dead one; a dead one is
+    noticed at once anyway, when its connection closes (gRPC stream, MQTT last will)."""
 
 
 @dataclass

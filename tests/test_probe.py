@@ -152,3 +152,10 @@ def test_real_machine_validates_against_the_schema():
     document = json.loads(json.dumps(document))  # what `gefl probe --json` prints must survive JSON
     jsonschema.validate(document, json.loads(SCHEMA.read_text()))
     assert "samples/s" in format_profile(profile)
+
+
+def test_the_running_machine_reports_pythons_architecture():
+    """Python's view is the one pip's wheels follow; under qemu-user the kernel's file names the host."""
+    import platform
+
+    assert probe("/", measure=False).arch == platform.machine()
