@@ -2,8 +2,9 @@
 
 The state directory is the run directory (`gefl simulate`'s layout) plus the checkpoint the
 coordinator rewrites after every round; started again on the same directory, the aggregator
-resumes where it stopped. Without --token it makes an enrolment token once, keeps it in the state
-directory (readable by its owner only) and prints it: there is no way to run without one.
+resumes where it stopped. Given no token (--token-file or $GEFL_TOKEN), it makes an enrolment token
+once, keeps it in the state directory (readable by its owner only) and prints it: there is no way
+to run without one.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 from gefl.errors import GeflError, unknown_name
 
 DEFAULT_CONFIG = "quickstart.yaml"
-_TRAIN_MODULES = {"torch", "torchvision", "safetensors", "yaml", "onnx", "onnxscript", "psutil"}
+_TRAIN_MODULES = {"torch", "torchvision", "safetensors", "yaml", "onnx", "onnxscript", "psutil", "cryptography"}
 """Modules of the `train` extra: a board with only `infer` installed gets told what to install."""
 
 
@@ -59,9 +59,60 @@ def _tls_files(cert: str | None, key: str | None, client_ca: str | None):  # -> 
     return TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None) if cert else None
 
 
-def _aggregator_serve(args: argparse.Namespace) -> int:
+def _read_token_file(path: str) -> str:
+    """The token in `path`, stripped of surrounding whitespace (the newline an editor or `echo` adds).
+
+    Tokens travel in files or the environment, never on the command line, where `ps` shows them to
+    every user of the machine. A missing, empty or multi-word file is refused: each is a mistake
+    (a wrong path, a file not yet filled, the env file given instead of the token file) that would
+    otherwise surface as an "enrolment token refused" from the aggregator, far from its cause.
+    """
+    import logging
+    import stat
+
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GeflError(f"the token file {path} does not exist (--token-file names a file holding the "
+                        "enrolment token; the aggregator keeps its own in STATE_DIR/enrolment-token)") from None
+    except IsADirectoryError:
+        raise GeflError(f"the token file {path} is a directory; --token-file names the file holding the token") \
+            from None
+    except OSError as exc:
+        raise GeflError(f"cannot read the token file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise GeflError(f"the token file {path} is not text: it should hold the enrolment token alone") from None
+    token = text.strip()
+    if not token:
+        raise GeflError(f"the token file {path} is empty: write the enrolment token into it (the aggregator "
+                        "prints it when it starts and keeps it in STATE_DIR/enrolment-token)")
+    if len(token.split()) > 1:
+        raise GeflError(f"the token file {path} holds more than one word: it should hold the enrolment token "
+                        "alone (a token has no spaces)")
+    if mode & stat.S_IROTH:
+        # A warning, not a refusal: a group-readable file (0640, group of the service's user) is a
+        # sound set-up, and a world-readable one may be a deliberate test machine; but say it.
+        logging.getLogger("gefl").warning("gefl: warning: the token file %s is readable by every user of this "
+                                          "machine: chmod 600 %s (or 640 with the group of the user that runs "
+                                          "gefl)", path, path)
+    return token
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """--token-file, else $GEFL_TOKEN, else None."""
     import os
 
+    if args.token_flag is not None:
+        raise GeflError("--token is gone: a token on the command line is shown by `ps` to every user of the "
+                        "machine. Set GEFL_TOKEN or pass --token-file FILE (a file holding the token) instead")
+    if args.token_file:
+        return _read_token_file(args.token_file)
+    return os.environ.get("GEFL_TOKEN") or None
+
+
+def _aggregator_serve(args: argparse.Namespace) -> int:
     from gefl.aggregator.serve import MqttEndpoint, serve
     from gefl.mqtt import parse_broker_url
 
@@ -74,7 +125,7 @@ def _aggregator_serve(args: argparse.Namespace) -> int:
     elif args.mqtt_user or args.mqtt_ca or args.mqtt_cert:
         raise GeflError("--mqtt-user, --mqtt-ca and --mqtt-cert need --mqtt URL (the broker to serve through)")
     listen = args.listen or (None if mqtt else "0.0.0.0:50051")
-    serve(cfg, args.state_dir, listen=listen, tls=tls, mqtt=mqtt, token=args.token or os.environ.get("GEFL_TOKEN"),
+    serve(cfg, args.state_dir, listen=listen, tls=tls, mqtt=mqtt, token=_token(args),
           say=lambda m: print(m, flush=True))
     return 0
 
@@ -94,15 +145,13 @@ def _mqtt_auth(user: str | None, ca: str | None, cert: str | None, key: str | No
 
 
 def _client_run(args: argparse.Namespace) -> int:
-    import os
-
     from gefl.edge_client.runtime import ClientOptions, ClientRuntime
     from gefl.edge_client.transport import open_transport
 
-    token = args.token or os.environ.get("GEFL_TOKEN")
+    token = _token(args)
     if not token:
-        raise GeflError("the aggregator's enrolment token is needed: pass --token T or set GEFL_TOKEN (the "
-                        "aggregator prints it when it starts and keeps it in its state directory)")
+        raise GeflError("the aggregator's enrolment token is needed: set GEFL_TOKEN or pass --token-file FILE "
+                        "(the aggregator prints the token when it starts and keeps it in STATE_DIR/enrolment-token)")
     if args.threads is not None and args.threads < 1:
         raise GeflError(f"--threads must be at least 1, got {args.threads}")
     auth = _mqtt_auth(args.mqtt_user, args.ca, args.cert, args.key)
@@ -111,6 +160,40 @@ def _client_run(args: argparse.Namespace) -> int:
     options = ClientOptions(Path(args.data_dir), tier=args.tier, name=args.name or args.mqtt_user, threads=args.threads,
                             give_up_s=args.give_up)
     ClientRuntime(transport, options, say=lambda m: print(m, flush=True)).run()
+    return 0
+
+
+SHIPPED_GEFL = "/opt/gefl/venv/bin/gefl"
+"""The gefl executable the shipped systemd unit runs (configs/systemd/gefl-client.service)."""
+
+
+def _client_service(args: argparse.Namespace) -> int:
+    from gefl.resources import packaged
+
+    if args.env:
+        print(packaged("systemd/client.env").read_text(), end="")
+        return 0
+    unit = packaged("systemd/gefl-client.service").read_text()
+    if args.gefl_path:
+        gefl = Path(args.gefl_path)
+        if not gefl.is_absolute():
+            # systemd runs ExecStart= with no working directory or PATH of the user's.
+            raise GeflError(f"--gefl-path must be an absolute path (systemd needs one), got {args.gefl_path!r}; "
+                            "e.g. --gefl-path \"$(command -v gefl)\"")
+        if any(c.isspace() for c in str(gefl)):
+            raise GeflError(f"--gefl-path {args.gefl_path!r} has a space, which ExecStart= would split: install "
+                            "gefl in a directory without spaces")
+        unit = unit.replace(f"\nExecStart={SHIPPED_GEFL} ", f"\nExecStart={gefl} ")  # the comments keep theirs
+    print(unit, end="")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from gefl.aggregator.certs import DEFAULT_DAYS, describe, issue
+
+    result = issue(args.out, server_names=args.server_name, server_ips=args.server_ip, clients=args.client or (),
+                   days=DEFAULT_DAYS if args.days is None else args.days)
+    print(describe(result))
     return 0
 
 
@@ -149,7 +232,8 @@ def _probe(args: argparse.Namespace) -> int:
             raise unknown_name("tier", args.tier, list_tiers())
         tier, reason = args.tier, f"{args.tier}: chosen with --tier (the policy was not consulted)"
     else:
-        candidates = args.tiers.split(",") if args.tiers else list(catalogue.tiers)
+        # The opt-in tiers (torchvision backbones) only when asked for, as a federation offers them.
+        candidates = args.tiers.split(",") if args.tiers else [t for t, c in catalogue.tiers.items() if not c.opt_in]
         choice = select_tier(candidates, profile.memory_available_bytes / 2**20, profile.train_samples_per_s,
                              policy, catalogue)
         tier, reason = choice.tier, choice.reason
@@ -246,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--json", action="store_true", help="print one JSON object (configs/schemas/probe.schema.json)")
     prb.add_argument("--tier", metavar="NAME", help="skip the policy and report this tier")
     prb.add_argument("--tiers", metavar="A,B,...",
-                     help="tiers the federation offers (default: every tier in the catalogue)")
+                     help="tiers the federation offers (default: every tier in the catalogue but the opt-in "
+                     "torchvision ones)")
     prb.add_argument("--deadline", type=float, metavar="S", help="round deadline in seconds (default 20)")
     prb.add_argument("--samples-per-round", type=int, metavar="N",
                      help="local samples x local epochs per round (default 3000)")
@@ -343,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "to serve gRPC and MQTT clients in one federation)")
     srv.add_argument("--state-dir", required=True, metavar="DIR", help="run directory and checkpoint")
     srv.add_argument("--data-dir", metavar="DIR", help="where the dataset's test set is (overrides data_dir)")
-    srv.add_argument("--token", metavar="T", help="enrolment token clients must present (default: $GEFL_TOKEN, "
-                     "else one generated and kept in the state directory)")
+    srv.add_argument("--token-file", metavar="FILE", help="file holding the enrolment token clients must present "
+                     "(default: $GEFL_TOKEN, else the one generated and kept in STATE_DIR/enrolment-token); never "
+                     "on the command line, where `ps` shows it")
+    srv.add_argument("--token", dest="token_flag", help=argparse.SUPPRESS)  # removed: refused with the why
     srv.add_argument("--tls-cert", metavar="PEM", help="server certificate: serve TLS")
     srv.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     srv.add_argument("--client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
@@ -370,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", required=True, metavar="DIR", help="this client's images, ImageFolder layout")
     run.add_argument("--tier", default="auto", metavar="auto|NAME",
                      help="auto (default): probe this device and let the aggregator pick; or a tier name")
-    run.add_argument("--token", metavar="T", help="the federation's enrolment token (default: $GEFL_TOKEN)")
+    run.add_argument("--token-file", metavar="FILE", help="file holding the federation's enrolment token "
+                     "(default: $GEFL_TOKEN); never on the command line, where `ps` shows it")
+    run.add_argument("--token", dest="token_flag", help=argparse.SUPPRESS)  # removed: refused with the why
     run.add_argument("--name", metavar="NAME", help="stable name of this device (default: the hostname)")
     run.add_argument("--ca", metavar="PEM", help="CA certificate of the aggregator (or the broker): connect with TLS")
     run.add_argument("--cert", metavar="PEM", help="this client's certificate, for mutual TLS")
@@ -381,6 +470,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--give-up", type=float, metavar="S",
                      help="exit when the aggregator has been unreachable this many seconds (default: never)")
     run.set_defaults(func=_client_run)
+
+    svc = cli_sub.add_parser(
+        "service", help="print the systemd unit that runs `gefl client run` at boot",
+        description="Print the systemd unit shipped with gefl-edge (gefl-client.service) for a board's client, "
+        "so that: gefl client service --gefl-path \"$(command -v gefl)\" > /etc/systemd/system/gefl-client.service. "
+        "It reads GEFL_AGGREGATOR, GEFL_CLIENT_DATA and GEFL_CLIENT_ARGS from /etc/gefl/client.env (--env prints "
+        "an example) and the enrolment token from /etc/gefl/token, and runs as an unprivileged dynamic user, "
+        "restarted on failure; the unit's comments say how to change any of it.")
+    svc.add_argument("--gefl-path", metavar="PATH", help=f"absolute path of the gefl executable for ExecStart= "
+                     f"(default: {SHIPPED_GEFL}, as shipped)")
+    svc.add_argument("--env", action="store_true", help="print an example /etc/gefl/client.env instead")
+    svc.set_defaults(func=_client_service)
+
+    crt = sub.add_parser(
+        "certs", help="make the CA and certificates of a federation (mutual TLS for gRPC and Mosquitto)",
+        description="Make a small PKI in --out DIR: DIR/ca.crt and ca.key (a new CA, or the one already there), "
+        "DIR/server.crt and server.key (the aggregator's or broker's, for --server-name / --server-ip) and "
+        "DIR/clients/NAME.crt and NAME.key per --client (common name NAME: the device's --name, and its MQTT "
+        "username under Mosquitto's use_identity_as_username). Keys are written with mode 0600. Existing files "
+        "are kept: run it again with a new --client to enrol a board, signed by the same CA.")
+    crt.add_argument("--out", "-o", required=True, metavar="DIR", help="where the files go (created if missing)")
+    crt.add_argument("--server-name", action="append", metavar="NAME",
+                     help="DNS name clients use to reach the aggregator (or broker); repeatable (default, when "
+                     "neither this nor --server-ip is given: localhost and 127.0.0.1)")
+    crt.add_argument("--server-ip", action="append", metavar="IP",
+                     help="IP address clients use to reach it; repeatable")
+    crt.add_argument("--client", action="append", metavar="NAME",
+                     help="a device to issue a certificate for (its gefl client name); repeatable")
+    crt.add_argument("--days", type=int, metavar="N",
+                     help="validity of new server and client certificates (default 1825, five years; never past "
+                     "the CA's ten)")
+    crt.set_defaults(func=_certs)
 
     ls = sub.add_parser("list", help="list tiers, datasets, algorithms and generator families")
     ls.set_defaults(func=_list)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import socket
@@ -13,11 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TOKEN = "test-enrolment-token"
 SHORT = {"num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2, "partition": {"samples_per_client": 200},
@@ -91,48 +84,15 @@ class Process:
         self._reader.join(5)
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
-          *, ca: bool = False, server: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    elif not ca:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 def make_certs(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by
-    the CA, plus a second CA that signed nothing of ours (for the wrong-CA cases)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
+    """`gefl certs`' PKI (gefl.aggregator.certs): a CA, a server certificate for localhost/127.0.0.1 and
+    a client certificate for device board-1, plus a second CA that signed nothing of ours (for the
+    wrong-CA cases). Keys name the files: ca, server, server-key, client, client-key, other-ca."""
+    from gefl.aggregator.certs import issue  # cryptography: only the tests that need certificates import it
 
-    def write(name: str, data: bytes) -> None:
-        files[name] = directory / f"{name}.pem"
-        files[name].write_bytes(data)
-
-    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-    def cert_pem(cert: x509.Certificate) -> bytes:
-        return cert.public_bytes(serialization.Encoding.PEM)
-
-    ca_key, other_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    write("ca", cert_pem(_cert("gefl test CA", ca_key, "gefl test CA", ca_key, ca=True)))
-    write("other-ca", cert_pem(_cert("other CA", other_key, "other CA", other_key, ca=True)))
-    for role in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(f"{role}-key", key_pem(key))
-        write(role, cert_pem(_cert(f"gefl {role}", key, "gefl test CA", ca_key, server=role == "server")))
-    return files
+    pki = issue(directory / "pki", clients=["board-1"])
+    other = issue(directory / "other", server=False)
+    layout = pki.layout
+    return {"ca": layout.ca_cert, "server": layout.server_cert, "server-key": layout.server_key,
+            "client": layout.client_cert("board-1"), "client-key": layout.client_key("board-1"),
+            "other-ca": other.layout.ca_cert}

@@ -20,6 +20,8 @@ def test_simulate_over_mqtt_computes_what_the_in_process_simulation_computes(tmp
     remote = simulate_over_network(config_from_dict(SHORT), "mqtt", out=tmp_path / "mqtt", progress=None)
     losses = [m["loss"] for m in read_metrics(tmp_path / "local")]
     assert [m["loss"] for m in read_metrics(tmp_path / "mqtt")] == pytest.approx(losses, rel=1e-5)
+    # No client was taken for dead while it started up (it imports torch meanwhile): no round ran again.
+    assert [(m["round"], m["dropped"]) for m in read_metrics(tmp_path / "mqtt")] == [(r, []) for r in (1, 2, 3, 4)]
     best = {t: s["best_acc"] for t, s in local["tiers"].items()}
     assert {t: s["best_acc"] for t, s in remote["tiers"].items()} == best
     assert remote["bytes_per_client_per_round"] == local["bytes_per_client_per_round"]
@@ -38,7 +40,8 @@ def test_grpc_and_mqtt_clients_share_a_federation_through_a_broker_restart(tmp_p
     state, port = tmp_path / "state", free_port()
     broker = Mosquitto().start()
     aggregator = Process(["aggregator", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
-                          "--mqtt", broker.url, "--state-dir", str(state), "--token", TOKEN])
+                          "--mqtt", broker.url, "--state-dir", str(state)],
+                         env={"GEFL_TOKEN": TOKEN})
     addresses = [f"127.0.0.1:{port}", broker.url, f"127.0.0.1:{port}", broker.url]
     clients = [Process(["client", "run", "--aggregator", address, "--data-dir", str(shards / f"client-00{i}"),
                         "--tier", ["cnn2", "cnn3"][i % 2], "--name", f"board-{i}", "--threads", "1",

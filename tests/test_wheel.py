@@ -62,9 +62,22 @@ def test_the_wheel_holds_one_import_name_and_the_shipped_files(wheel):
     for shipped in ("gefl/configs/quickstart.yaml", "gefl/configs/tiers.yaml", "gefl/configs/devices.yaml",
                     "gefl/configs/paper/fmnist-gefl-f-light.yaml", "gefl/configs/schemas/probe.schema.json",
                     "gefl/configs/mosquitto/mosquitto.conf", "gefl/configs/mosquitto/acl",
+                    "gefl/configs/systemd/gefl-client.service", "gefl/configs/systemd/client.env",
                     "gefl/protos/gefl_v1.proto", "gefl/export/infer.py", "gefl/edge_client/runtime.py",
                     "gefl/aggregator/coordinator.py"):
         assert shipped in names, shipped
+
+
+def test_the_installed_wheel_prints_the_systemd_unit_a_board_installs(installed, tmp_path):
+    """`gefl client service > /etc/systemd/system/gefl-client.service` works for a wheel user."""
+    gefl = str(installed / "gefl")
+    unit = _run(installed, tmp_path, "client", "service", "--gefl-path", gefl)
+    assert unit.returncode == 0, unit.stderr
+    shipped = (REPO / "configs" / "systemd" / "gefl-client.service").read_text()
+    assert unit.stdout == shipped.replace("\nExecStart=/opt/gefl/venv/bin/gefl ", f"\nExecStart={gefl} ")
+    assert f"ExecStart={gefl} client run " in unit.stdout
+    env = _run(installed, tmp_path, "client", "service", "--env")
+    assert env.returncode == 0 and env.stdout == (REPO / "configs" / "systemd" / "client.env").read_text()
 
 
 def test_the_installed_wheel_probes_simulates_and_serves_outside_any_checkout(installed, tmp_path):
