@@ -34,12 +34,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from gefl import protocol as p
+from gefl.errors import GeflError
 from gefl.federation import Federation, Phase, RoundError, RoundInfo, round_traffic, task_seed
 from gefl.protocol import ArtifactRef, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
 from gefl.wire import arrays_digest, decode_arrays, encode_arrays, sha256
 
 CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Say = Callable[[str], None]
@@ -113,6 +114,16 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _checkpoint_digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
+    """sha256 over the tensors and every other field of the checkpoint: any change to either shows."""
+    return hashlib.sha256(f"{arrays_digest(arrays)}|{json.dumps(meta, sort_keys=True)}".encode()).hexdigest()
+
+
+def nonfinite_arrays(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Names of the floating-point arrays holding NaN or infinity."""
+    return sorted(k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all())
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash at any moment leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -158,7 +169,15 @@ class Coordinator:
             self._load_checkpoint(state_dir / CHECKPOINT)
 
     # ------------------------------------------------------------------ called by transports
-    def register(self, enrol_token: str, request: RegisterRequest) -> Registration:
+    def register(self, enrol_token: str, request: RegisterRequest, peer_name: str | None = None) -> Registration:
+        """Admit a device, or give a registered one its client id back.
+
+        The enrolment token is shared by every device, so it cannot tell them apart: a name that is
+        already registered goes back only to the device that proves it owns it, by presenting the
+        token it got then (`request.credential`, kept in its state directory) or a client
+        certificate issued to that name (`peer_name`, the verified mutual-TLS identity). Anyone else
+        would take the device's client id and invalidate its token.
+        """
         if not hmac.compare_digest(_hash(enrol_token), self._enrol_sha256):
             raise Refused(p.UNAUTHENTICATED, "registration refused: wrong or missing enrolment token "
                           "(give the aggregator's token in GEFL_TOKEN or a --token-file)")
@@ -176,15 +195,28 @@ class Coordinator:
         if histogram and (len(histogram) > 100_000 or sum(histogram) != request.num_samples):
             raise Refused(p.INVALID_ARGUMENT, f"the label histogram ({len(histogram)} classes, {sum(histogram)} "
                           f"samples) does not add up to num_samples {request.num_samples}")
+        if peer_name is not None and peer_name != name:
+            raise Refused(p.UNAUTHENTICATED, f"client name {name!r} is not the name on this device's client "
+                          f"certificate ({peer_name!r}): a device registers under the name its certificate was "
+                          "issued to")
         try:
             tier, reason = self.logic.choose_tier(request)
         except Refused:
             raise
-        except Exception as exc:  # GeflError and friends: the device cannot take part as asked
+        except GeflError as exc:  # the device cannot take part as asked; anything else is our bug, not theirs
             raise Refused(p.INVALID_ARGUMENT, f"client {name}: {exc}") from exc
         token = secrets.token_urlsafe(32)
         with self._cond:
             client_id = next((c.client_id for c in self.clients.values() if c.name == name), None)
+            if client_id is not None:
+                old = self.clients[client_id]
+                if request.credential and hmac.compare_digest(_hash(request.credential), old.token_sha256):
+                    token = request.credential  # proven; and a device that lost the reply still holds its token
+                elif peer_name != name:
+                    raise Refused(p.UNAUTHENTICATED, f"client name {name!r} is registered by another device: "
+                                  "registering again under it needs that device's own credential (kept in its "
+                                  f"--state-dir) or a client certificate issued to {name!r}; a new device needs a "
+                                  "name of its own (--name)")
             if client_id is None:
                 if len(self.clients) >= self.settings.num_clients:
                     raise Refused(p.RESOURCE_EXHAUSTED, f"the federation is full: {self.settings.num_clients} "
@@ -378,7 +410,7 @@ class Coordinator:
                 result = self.logic.check(info, client.client_id, client.tier, header, payload)
             except Refused:
                 raise
-            except Exception as exc:
+            except GeflError as exc:  # the upload is bad; any other exception is a bug here, not the client's
                 raise Refused(p.INVALID_ARGUMENT, str(exc)) from exc
             with self._cond:
                 try:
@@ -430,6 +462,8 @@ class Coordinator:
                     self._cond.wait(0.2)
                     continue
                 waiting_said = False
+                # Registrations are on disk before the round: a device's credential must survive a crash.
+                self._save_registry_if_changed()
                 info = self.federation.open_round(online)
             self._run_round(info)
         if self.federation.finished:
@@ -515,7 +549,16 @@ class Coordinator:
             meta = {"format": CHECKPOINT_FORMAT, "completed": self.federation.completed,
                     "clients": [c.to_dict() for c in self.clients.values()], "logic": logic_meta}
             self._registry_dirty = False
-        atomic_write(self.state_dir / CHECKPOINT, encode_arrays(arrays, {"gefl": json.dumps(meta)}))
+        meta["sha256"] = _checkpoint_digest(arrays, meta)
+        path = self.state_dir / CHECKPOINT
+        try:
+            atomic_write(path, encode_arrays(arrays, {"gefl": json.dumps(meta)}))
+        except OSError as exc:
+            # The rename never happened, so the last good checkpoint is still in place: stop on it.
+            raise GeflError(f"cannot write the checkpoint {path}: {exc.strerror or exc}. The aggregator stops; the "
+                            "last good checkpoint is kept, so free space or fix the state directory's permissions "
+                            "and start it again on the same --state-dir to resume (the clients wait and reconnect)"
+                            ) from exc
 
     def _load_checkpoint(self, path: Path) -> None:
         from safetensors import safe_open
@@ -530,6 +573,15 @@ class Coordinator:
             raise Refused(p.DATA_LOSS, f"{path} has checkpoint format {meta.get('format')}, expected "
                           f"{CHECKPOINT_FORMAT}")
         arrays = decode_arrays(path.read_bytes())
+        stored = meta.pop("sha256", None)
+        if stored is None or not hmac.compare_digest(str(stored), _checkpoint_digest(arrays, meta)):
+            raise Refused(p.DATA_LOSS, f"the checkpoint {path} is damaged: its contents do not match the digest "
+                          "written with them (a bit flip on disk, or an edit); resuming would go on from other "
+                          "weights than the run had. Restore it from a backup, or move it away to start afresh")
+        bad = nonfinite_arrays(arrays)
+        if bad:
+            raise Refused(p.DATA_LOSS, f"the checkpoint {path} holds non-finite values (in {', '.join(bad[:3])}): "
+                          "a run cannot go on from them. Restore it from a backup, or move it away to start afresh")
         self.federation.completed = int(meta["completed"])
         for c in meta["clients"]:
             client = Client(int(c["client_id"]), c["name"], c["tier"], c["token_sha256"], int(c["num_samples"]),

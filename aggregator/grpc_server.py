@@ -8,6 +8,7 @@ The standard gRPC health service runs beside it (SERVING while rounds are served
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ def bearer_token(context: grpc.ServicerContext) -> str:
     return ""
 
 
+def certificate_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of the client's certificate, when mutual TLS verified one; else None."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 def _abort(context: grpc.ServicerContext, exc: Refused) -> None:
     context.abort(_STATUS.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
 
@@ -62,7 +69,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         profile = request.profile
         try:
-            reg = self.coordinator.register(bearer_token(context), RegisterRequest(
+            reg = self.coordinator.register(bearer_token(context), peer_name=certificate_name(context),
+                                            request=RegisterRequest(
                 name=request.name, tier=request.tier or "auto",
                 profile={"arch": profile.arch, "cpu_count": profile.cpu_count,
                          "memory_total_bytes": profile.memory_total_bytes,
@@ -71,7 +79,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                          "train_samples_per_s": profile.train_samples_per_s or None} if request.HasField("profile")
                 else {},
                 num_samples=request.num_samples, label_histogram=tuple(request.label_histogram),
-                protocol_version=request.protocol_version))
+                protocol_version=request.protocol_version, credential=request.credential))
         except Refused as exc:
             _abort(context, exc)
         return pb.RegisterReply(client_id=reg.client_id, token=reg.token, tier=reg.tier, tier_reason=reg.tier_reason,
@@ -171,6 +179,27 @@ def _read(path: Path, what: str) -> bytes:
         raise GeflError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
+MAX_HEALTH_WATCHES = 16
+"""Open Health.Watch streams at once. They need no token, and gRPC counts every open stream against
+one concurrency limit: unbounded, a burst of them would crowd out the federation's own calls."""
+
+
+class BoundedHealthServicer(health.HealthServicer):
+    """The standard health service, with its unauthenticated Watch streams bounded apart from the
+    federation's calls (the server's limit is raised by the same amount)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches = threading.BoundedSemaphore(MAX_HEALTH_WATCHES)
+
+    def Watch(self, request, context, send_response_callback=None):  # noqa: N802 - gRPC's method name
+        if not self._watches.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_HEALTH_WATCHES} health watches at "
+                          "once; use Health.Check, or try again later")
+        context.add_callback(self._watches.release)
+        return super().Watch(request, context, send_response_callback)
+
+
 def start_server(coordinator: Coordinator, listen: str, tls: TlsFiles | None = None,
                  max_workers: int | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Serve the coordinator on `listen` (HOST:PORT; port 0 picks a free one); returns the server and its port.
@@ -183,10 +212,10 @@ def start_server(coordinator: Coordinator, listen: str, tls: TlsFiles | None = N
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gefl-grpc"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
                  ("grpc.so_reuseport", 0), *KEEPALIVE, ("grpc.http2.min_ping_interval_without_data_ms", 5_000)],
-        maximum_concurrent_rpcs=workers,
+        maximum_concurrent_rpcs=workers + MAX_HEALTH_WATCHES,
     )
     pb_grpc.add_AggregatorServicer_to_server(AggregatorService(coordinator), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = BoundedHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if tls is None:
         port = server.add_insecure_port(listen)

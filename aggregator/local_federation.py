@@ -34,9 +34,11 @@ from gefl.rundir import RunDir
 REGISTER_TIMEOUT_S = 120.0
 
 
-def _client_command(aggregator: str, data_dir: Path, tier: str, name: str) -> list[str]:
+def _client_command(aggregator: str, data_dir: Path, tier: str, name: str, state_dir: Path) -> list[str]:
+    """A client process; its credential goes to the run's temporary directory, not the user's state."""
     return [sys.executable, "-m", "gefl.cli", "client", "run", "--aggregator", aggregator,
-            "--data-dir", str(data_dir), "--tier", tier, "--name", name, "--threads", "1", "--give-up", "60"]
+            "--data-dir", str(data_dir), "--tier", tier, "--name", name, "--threads", "1", "--give-up", "60",
+            "--state-dir", str(state_dir)]
 
 
 def _wait_registered(coordinator: Coordinator, count: int, process: subprocess.Popen, log: Path) -> None:
@@ -105,7 +107,7 @@ def _run_clients(cfg: Config, coordinator: Coordinator, run: RunDir, aggregator:
                 log = logs / f"{name}.log"
                 with open(log, "w") as f:
                     processes.append(subprocess.Popen(
-                        _client_command(aggregator, Path(shards) / name, cfg.tier_of(c), name),
+                        _client_command(aggregator, Path(shards) / name, cfg.tier_of(c), name, Path(shards) / "state"),
                         stdout=f, stderr=subprocess.STDOUT, env=env))
                 _wait_registered(coordinator, c + 1, processes[-1], log)
             while driver.is_alive():

@@ -3,8 +3,8 @@
 The state directory is the run directory (`gefl simulate`'s layout) plus the checkpoint the
 coordinator rewrites after every round; started again on the same directory, the aggregator
 resumes where it stopped. Given no token (--token-file or $GEFL_TOKEN), it makes an enrolment token
-once, keeps it in the state directory (readable by its owner only) and prints it: there is no way
-to run without one.
+once and keeps it in the state directory (readable by its owner only), and says where: there is no
+way to run without one. Plaintext off loopback takes an explicit `insecure`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gefl.config import Config
 from gefl.data import load_dataset
 from gefl.errors import GeflError
 from gefl.mqtt import BrokerUrl, MqttAuth
+from gefl.protocol import check_plaintext
 from gefl.rundir import RunDir
 
 TOKEN_FILE = "enrolment-token"
@@ -48,7 +49,9 @@ def enrolment_token(state_dir: Path, given: str | None, say: Callable[[str], Non
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    say(f"enrolment token (also in {path}): {token}")
+    # The token itself stays out of the log (logs are read by more people than the state directory).
+    say(f"enrolment token written to {path} (readable by its owner only): give it to the clients in "
+        "GEFL_TOKEN or a --token-file")
     return token
 
 
@@ -67,11 +70,16 @@ class MqttEndpoint:
 
 
 def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls: TlsFiles | None = None,
-          mqtt: MqttEndpoint | None = None, token: str | None = None, say: Callable[[str], None] = print) -> int:
+          mqtt: MqttEndpoint | None = None, token: str | None = None, say: Callable[[str], None] = print,
+          insecure: bool = False) -> int:
     """Serve over gRPC on `listen`, over MQTT through `mqtt`'s broker, or both at once (one federation),
     until every round is done (or SIGTERM / Ctrl-C); returns the rounds completed."""
     if listen is None and mqtt is None:
         raise GeflError("nothing to serve on: give a gRPC address (--listen) and/or a broker (--mqtt)")
+    if listen is not None and tls is None:
+        check_plaintext(listen.rsplit(":", 1)[0], "serving gRPC", insecure)
+    if mqtt is not None and not mqtt.url.tls:
+        check_plaintext(mqtt.url.host, "MQTT (mqtt://)", insecure)
     coordinator = build_coordinator(cfg, Path(state_dir), token, say)
     server = health = bridge = None
     faces = []

@@ -30,6 +30,8 @@ from gefl.protocol import (
 from gefl.wire import chunks, sha256
 
 CALL_TIMEOUT_S = 30.0
+SERVER_BUSY = "Concurrent RPC limit exceeded!"
+"""What grpcio's server answers, with RESOURCE_EXHAUSTED, when maximum_concurrent_rpcs are open."""
 TRANSFER_TIMEOUT_S = 600.0
 _STATUS = {pb.Task.WAIT: "wait", pb.Task.TRAIN: "train", pb.Task.FINISHED: "finished"}
 
@@ -38,7 +40,10 @@ def _translate(exc: grpc.RpcError, what: str) -> GeflError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) or (
+            # The server's concurrency limit, not the aggregator's verdict (a full federation, an upload
+            # too large): the server is busy, so back off and try again like any unavailable server.
+            code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == SERVER_BUSY):
         return Unavailable(f"{what}: aggregator unavailable ({code.name if code else 'no status'}: {details})")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return Unauthenticated("UNAUTHENTICATED", f"{what}: {details}")
@@ -83,7 +88,8 @@ class GrpcClientTransport:
         profile = request.profile
         message = pb.RegisterRequest(
             protocol_version=request.protocol_version, name=request.name, tier=request.tier,
-            num_samples=request.num_samples, label_histogram=list(request.label_histogram))
+            num_samples=request.num_samples, label_histogram=list(request.label_histogram),
+            credential=request.credential)
         if profile:
             message.profile.CopyFrom(pb.DeviceProfile(
                 arch=profile.get("arch") or "", cpu_count=profile.get("cpu_count") or 0,

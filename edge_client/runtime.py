@@ -8,6 +8,7 @@ whichever round is open when it is back. Its heartbeat stream runs on a thread b
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import random
 import socket
@@ -20,11 +21,22 @@ from typing import TypeVar
 
 import numpy as np
 import yaml
+from gefl.edge_client.credentials import CredentialStore
 from gefl.edge_client.transport import ClientTransport, Unauthenticated, Unavailable
 
 from gefl.errors import GeflError
 from gefl.image_folder import read_image_folder
-from gefl.protocol import FINISHED, TRAIN, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
+from gefl.protocol import (
+    FINISHED,
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    TRAIN,
+    Refused,
+    RegisterRequest,
+    Registration,
+    TaskInfo,
+    UploadHeader,
+)
 from gefl.wire import sha256
 
 T = TypeVar("T")
@@ -58,6 +70,11 @@ class ClientOptions:
     poll_s: float = 10.0
     give_up_s: float | None = None
     """Stop when the aggregator has been unreachable this long (None: keep trying)."""
+    state_dir: Path | None = None
+    """Where this device keeps its registration's credential (default: credentials.default_state_dir())."""
+    share_label_histogram: bool = False
+    """Send the label histogram at registration: a board's label distribution is private, and no
+    algorithm needs it, so only when the user opts in."""
 
 
 class ClientRuntime:
@@ -69,6 +86,11 @@ class ClientRuntime:
         self.stop = threading.Event()
         self.rounds_trained = 0
         self._unreachable_since: float | None = None
+        self.credentials = CredentialStore(options.state_dir)
+        self._refused_rounds: set[int] = set()
+        """Rounds whose result the aggregator refused for what it holds (a rerun of the same round
+        would compute the same result from the same task seed and global state): not trained again."""
+        self.refusal_backoff = Backoff(base=1.0, cap=30.0)
 
     # ------------------------------------------------------------------ retries
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
@@ -97,7 +119,7 @@ class ClientRuntime:
         images, labels, classes = read_image_folder(opts.data_dir)  # bad data fails before any network traffic
         name = opts.name or socket.gethostname()
         profile = self._profile() if opts.tier == "auto" else {}
-        histogram = np.bincount(labels, minlength=len(classes)).tolist()
+        histogram = np.bincount(labels, minlength=len(classes)).tolist() if opts.share_label_histogram else []
         request = RegisterRequest(name=name, tier=opts.tier, profile=profile, num_samples=len(images),
                                   label_histogram=tuple(histogram))
         # torch's import takes seconds on a board (tens under emulation) and holds the GIL while it
@@ -118,7 +140,11 @@ class ClientRuntime:
                 if task.status == FINISHED:
                     self.say(f"the run is finished; this client trained {self.rounds_trained} round(s)")
                     return self.rounds_trained
-                if task.status == TRAIN:
+                if task.status == TRAIN and task.round in self._refused_rounds:
+                    # Training it again would give the same result (the task's seed fixes it) and the
+                    # same refusal: wait for the next round instead, backing off.
+                    self.stop.wait(self.refusal_backoff.next_delay())
+                elif task.status == TRAIN:
                     self._train(task, reg, split, algorithm, num_classes)
         finally:
             self.stop.set()
@@ -132,7 +158,13 @@ class ClientRuntime:
         return profile
 
     def _register(self, request: RegisterRequest) -> Registration:
+        """Register, proving with the credential of an earlier registration that the name is ours."""
+        address = self.transport.address
+        held = self.credentials.load(address, request.name)
+        request = dataclasses.replace(request, credential=held)
         reg = self._retrying("register", lambda: self.transport.register(request))
+        if reg.token != held:
+            self.credentials.save(address, request.name, reg.token)
         self.say(f"registered with {self.transport.address} as client {reg.client_id} ({request.name}) in "
                  f"federation {reg.federation!r}: tier {reg.tier} ({reg.tier_reason})")
         return reg
@@ -180,7 +212,12 @@ class ClientRuntime:
             self._retrying("upload", lambda: self.transport.upload(header, result.state))
         except Refused as exc:
             self.say(f"round {task.round}: result not counted: {exc}")
+            if exc.code in (INVALID_ARGUMENT, RESOURCE_EXHAUSTED):  # about the result itself: it would recur
+                self._refused_rounds.add(task.round)
+            else:  # a late or damaged upload: the next round (or a rerun of this one) may take it
+                self.stop.wait(self.refusal_backoff.next_delay())
             return
+        self.refusal_backoff.reset()
         self.rounds_trained += 1
         self.say(f"round {task.round} ({task.phase}): trained {task.tier} on {result.num_samples} samples, "
                  f"loss {result.loss:.4f}, {time.monotonic() - started:.1f}s")

@@ -49,12 +49,18 @@ class ClientTransport(Protocol):
 
 def open_transport(aggregator: str, enrol_token: str, *, ca: str | None = None, cert: str | None = None,
                    key: str | None = None, mqtt_user: str | None = None,
-                   mqtt_password: str | None = None) -> ClientTransport:
-    """gRPC for HOST:PORT, MQTT for mqtt://HOST:PORT[/FEDERATION] or mqtts://... (TLS)."""
+                   mqtt_password: str | None = None, insecure: bool = False) -> ClientTransport:
+    """gRPC for HOST:PORT, MQTT for mqtt://HOST:PORT[/FEDERATION] or mqtts://... (TLS). Plaintext
+    (no --ca, or mqtt://) off loopback needs `insecure`."""
     from gefl import mqtt
+    from gefl.protocol import check_plaintext
 
     if mqtt.is_broker_url(aggregator):
         from gefl.edge_client.mqtt_transport import MqttClientTransport
+
+        url = mqtt.parse_broker_url(aggregator)
+        if not url.tls:
+            check_plaintext(url.host, "MQTT (mqtt://)", insecure)
 
         auth = mqtt.MqttAuth(mqtt_user, mqtt_password, Path(ca) if ca else None, Path(cert) if cert else None,
                              Path(key) if key else None)
@@ -64,4 +70,6 @@ def open_transport(aggregator: str, enrol_token: str, *, ca: str | None = None, 
                         f"{aggregator} is a gRPC address")
     from gefl.edge_client.grpc_transport import GrpcClientTransport
 
+    if ca is None:
+        check_plaintext(aggregator.rsplit(":", 1)[0], "gRPC", insecure)
     return GrpcClientTransport(aggregator, enrol_token, ca=ca, cert=cert, key=key)

@@ -126,7 +126,7 @@ def _aggregator_serve(args: argparse.Namespace) -> int:
         raise GeflError("--mqtt-user, --mqtt-ca and --mqtt-cert need --mqtt URL (the broker to serve through)")
     listen = args.listen or (None if mqtt else "0.0.0.0:50051")
     serve(cfg, args.state_dir, listen=listen, tls=tls, mqtt=mqtt, token=_token(args),
-          say=lambda m: print(m, flush=True))
+          say=lambda m: print(m, flush=True), insecure=args.insecure)
     return 0
 
 
@@ -156,9 +156,10 @@ def _client_run(args: argparse.Namespace) -> int:
         raise GeflError(f"--threads must be at least 1, got {args.threads}")
     auth = _mqtt_auth(args.mqtt_user, args.ca, args.cert, args.key)
     transport = open_transport(args.aggregator, token, ca=args.ca, cert=args.cert, key=args.key,
-                               mqtt_user=auth.username, mqtt_password=auth.password)
+                               mqtt_user=auth.username, mqtt_password=auth.password, insecure=args.insecure)
     options = ClientOptions(Path(args.data_dir), tier=args.tier, name=args.name or args.mqtt_user, threads=args.threads,
-                            give_up_s=args.give_up)
+                            give_up_s=args.give_up, state_dir=Path(args.state_dir) if args.state_dir else None,
+                            share_label_histogram=args.share_label_histogram)
     ClientRuntime(transport, options, say=lambda m: print(m, flush=True)).run()
     return 0
 
@@ -435,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", metavar="PEM", help="server certificate: serve TLS")
     srv.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     srv.add_argument("--client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    srv.add_argument("--insecure", action="store_true",
+                     help="allow plaintext (no --tls-cert, or an mqtt:// broker) on an address that is not loopback: "
+                     "tokens and model weights then cross the network in clear")
     srv.add_argument("--mqtt", metavar="URL", help="also (or only) serve through this MQTT broker: mqtt://HOST:PORT or "
                      "mqtts://HOST:PORT (TLS); topics under gefl/<config name>/, or /FEDERATION at the URL's end")
     srv.add_argument("--mqtt-user", metavar="USER", help="MQTT username (password from $GEFL_MQTT_PASSWORD)")
@@ -466,9 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mqtt-user", metavar="USER", help="MQTT username (password from $GEFL_MQTT_PASSWORD); "
                      "also the default --name, since a broker ACL ties a device's topics to its username")
     run.add_argument("--key", metavar="PEM", help="private key of --cert")
+    run.add_argument("--insecure", action="store_true",
+                     help="allow plaintext (no --ca, or mqtt://) to an aggregator that is not on loopback: the "
+                     "token and model weights then cross the network in clear")
     run.add_argument("--threads", type=int, metavar="N", help="torch threads for training (default: all cores)")
     run.add_argument("--give-up", type=float, metavar="S",
                      help="exit when the aggregator has been unreachable this many seconds (default: never)")
+    run.add_argument("--state-dir", metavar="DIR",
+                     help="where this device keeps the credential of its registration, which it needs to register "
+                     "again under its name (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/gefl, else "
+                     "~/.local/state/gefl)")
+    run.add_argument("--share-label-histogram", action="store_true",
+                     help="send this device's label counts at registration (they land in the run's partition.json); "
+                     "off by default: a board's label distribution is private and no algorithm needs it")
     run.set_defaults(func=_client_run)
 
     svc = cli_sub.add_parser(

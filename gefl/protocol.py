@@ -8,6 +8,7 @@ Numpy-only: no torch, so transports and the benchmark's echo clients stay light.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -22,6 +23,25 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
 def valid_client_name(name: str) -> bool:
     """1-128 letters, digits and ._:@- (a hostname fits): safe in logs, file names and MQTT topic levels."""
     return 0 < len(name) <= MAX_NAME and bool(_NAME.match(name))
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plaintext(host: str, what: str, insecure: bool) -> None:
+    """Plaintext is for loopback: anywhere else tokens and model weights would cross the network in
+    clear, so it takes the user's explicit --insecure."""
+    if not insecure and not is_loopback(host):
+        raise GeflError(f"{what} without TLS on {host} would send tokens and model weights across the network in "
+                        "clear: set up TLS (`gefl certs` makes the certificates), use a loopback address, or pass "
+                        "--insecure to accept plaintext")
+
 
 WAIT, TRAIN, FINISHED = "wait", "train", "finished"
 """Task statuses: nothing for this client yet, a round to train, the run is over."""
@@ -95,4 +115,7 @@ class RegisterRequest:
     """edge_client.probe.DeviceProfile.to_dict(), or {} when the client did not probe."""
     num_samples: int = 0
     label_histogram: tuple[int, ...] = ()
+    """Empty unless the device's user opted in: a board's label distribution is private."""
     protocol_version: int = PROTOCOL_VERSION
+    credential: str = ""
+    """The token of this device's earlier registration: the proof that it owns its name."""

@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from gefl.generators import Generator
 
 
+def unwritable(path: Path, exc: OSError) -> GeflError:
+    """The one-paragraph error for a file of the run that cannot be written (read-only file system, no
+    space left, a directory where a file should be, no permission): what, where and what to do."""
+    return GeflError(f"cannot write {path}: {exc.strerror or exc}. The files written before are as they were; free "
+                     "space or fix the directory's permissions (or pick another --out / --state-dir), then run the "
+                     "command again")
+
+
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -58,7 +66,10 @@ class RunDir:
         except OSError as exc:
             raise GeflError(f"cannot create run directory {path}: {exc}") from exc
         run = cls(path)
-        (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        try:
+            (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        except OSError as exc:
+            raise unwritable(path / "config.yaml", exc) from exc
         return run
 
     @classmethod
@@ -85,20 +96,35 @@ class RunDir:
         keep = [line for line in metrics.read_text().splitlines()
                 if line.strip() and json.loads(line).get("round", 0) <= rounds]
         tmp = self.path / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, metrics)
+        try:
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, metrics)
+        except OSError as exc:
+            raise unwritable(metrics, exc) from exc
 
     def write_json(self, name: str, data: Any) -> None:
         """Atomic: a reader never sees half a file, a crash never leaves one."""
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.path / name)
+        try:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, self.path / name)
+        except OSError as exc:
+            raise unwritable(self.path / name, exc) from exc
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise unwritable(self.path / "metrics.jsonl", exc) from exc
 
     def save_weights(self, state: GlobalState, dataset: Dataset, cfg: Config) -> None:
+        try:
+            self._save_weights(state, dataset, cfg)
+        except OSError as exc:
+            raise unwritable(self.path / "weights", exc) from exc
+
+    def _save_weights(self, state: GlobalState, dataset: Dataset, cfg: Config) -> None:
         weights = self.path / "weights"
         weights.mkdir(exist_ok=True)
         common = {

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gefl/protos/gefl_v1.proto\x12\x07gefl.v1\"\xbc\x01\n\rDeviceProfile\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x62oard\x18\x05 \x01(\t\x12\x14\n\x0c\x62oard_family\x18\x06 \x01(\t\x12\x0c\n\x04\x63uda\x18\x07 \x01(\x08\x12\x1b\n\x13train_samples_per_s\x18\x08 \x01(\x01\"\x9e\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\'\n\x07profile\x18\x04 \x01(\x0b\x32\x16.gefl.v1.DeviceProfile\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12\x17\n\x0flabel_histogram\x18\x06 \x03(\x04\"\x9b\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x13\n\x0btier_reason\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x05 \x01(\t\x12\x12\n\nfederation\x18\x06 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x01\"\"\n\x10\x46\x65tchTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\"9\n\x0b\x41rtifactRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x97\x02\n\x04Task\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.gefl.v1.Task.Status\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\'\n\tartifacts\x18\x06 \x03(\x0b\x32\x14.gefl.v1.ArtifactRef\x12\x13\n\x0bupload_name\x18\x07 \x01(\t\x12\x18\n\x10max_upload_bytes\x18\x08 \x01(\x04\x12\x12\n\ndeadline_s\x18\t \x01(\x01\"C\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\".\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"{\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x04\x12\x0c\n\x04loss\x18\x07 \x01(\x01\"a\n\rUploadMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.gefl.v1.UploadHeaderH\x00\x12\x1f\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0e.gefl.v1.ChunkH\x00\x42\x06\n\x04item\"\x1e\n\x0bUploadReply\x12\x0f\n\x07message\x18\x01 \x01(\t\"!\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\r\"6\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x32\xb8\x02\n\nAggregator\x12<\n\x08Register\x12\x18.gefl.v1.RegisterRequest\x1a\x16.gefl.v1.RegisterReply\x12\x35\n\tFetchTask\x12\x19.gefl.v1.FetchTaskRequest\x1a\r.gefl.v1.Task\x12\x36\n\x08\x44ownload\x12\x18.gefl.v1.DownloadRequest\x1a\x0e.gefl.v1.Chunk0\x01\x12\x38\n\x06Upload\x12\x16.gefl.v1.UploadMessage\x1a\x14.gefl.v1.UploadReply(\x01\x12\x43\n\tHeartbeat\x12\x19.gefl.v1.HeartbeatRequest\x1a\x17.gefl.v1.HeartbeatReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gefl/protos/gefl_v1.proto\x12\x07gefl.v1\"\xbc\x01\n\rDeviceProfile\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x62oard\x18\x05 \x01(\t\x12\x14\n\x0c\x62oard_family\x18\x06 \x01(\t\x12\x0c\n\x04\x63uda\x18\x07 \x01(\x08\x12\x1b\n\x13train_samples_per_s\x18\x08 \x01(\x01\"\xb2\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\'\n\x07profile\x18\x04 \x01(\x0b\x32\x16.gefl.v1.DeviceProfile\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12\x17\n\x0flabel_histogram\x18\x06 \x03(\x04\x12\x12\n\ncredential\x18\x07 \x01(\t\"\x9b\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x13\n\x0btier_reason\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x05 \x01(\t\x12\x12\n\nfederation\x18\x06 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x01\"\"\n\x10\x46\x65tchTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\"9\n\x0b\x41rtifactRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x97\x02\n\x04Task\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.gefl.v1.Task.Status\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\'\n\tartifacts\x18\x06 \x03(\x0b\x32\x14.gefl.v1.ArtifactRef\x12\x13\n\x0bupload_name\x18\x07 \x01(\t\x12\x18\n\x10max_upload_bytes\x18\x08 \x01(\x04\x12\x12\n\ndeadline_s\x18\t \x01(\x01\"C\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\".\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"{\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x04\x12\x0c\n\x04loss\x18\x07 \x01(\x01\"a\n\rUploadMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.gefl.v1.UploadHeaderH\x00\x12\x1f\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0e.gefl.v1.ChunkH\x00\x42\x06\n\x04item\"\x1e\n\x0bUploadReply\x12\x0f\n\x07message\x18\x01 \x01(\t\"!\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\r\"6\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x32\xb8\x02\n\nAggregator\x12<\n\x08Register\x12\x18.gefl.v1.RegisterRequest\x1a\x16.gefl.v1.RegisterReply\x12\x35\n\tFetchTask\x12\x19.gefl.v1.FetchTaskRequest\x1a\r.gefl.v1.Task\x12\x36\n\x08\x44ownload\x12\x18.gefl.v1.DownloadRequest\x1a\x0e.gefl.v1.Chunk0\x01\x12\x38\n\x06Upload\x12\x16.gefl.v1.UploadMessage\x1a\x14.gefl.v1.UploadReply(\x01\x12\x43\n\tHeartbeat\x12\x19.gefl.v1.HeartbeatRequest\x1a\x17.gefl.v1.HeartbeatReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICEPROFILE']._serialized_start=39
   _globals['_DEVICEPROFILE']._serialized_end=227
   _globals['_REGISTERREQUEST']._serialized_start=230
-  _globals['_REGISTERREQUEST']._serialized_end=388
-  _globals['_REGISTERREPLY']._serialized_start=391
-  _globals['_REGISTERREPLY']._serialized_end=546
-  _globals['_FETCHTASKREQUEST']._serialized_start=548
-  _globals['_FETCHTASKREQUEST']._serialized_end=582
-  _globals['_ARTIFACTREF']._serialized_start=584
-  _globals['_ARTIFACTREF']._serialized_end=641
-  _globals['_TASK']._serialized_start=644
-  _globals['_TASK']._serialized_end=923
-  _globals['_TASK_STATUS']._serialized_start=856
-  _globals['_TASK_STATUS']._serialized_end=923
-  _globals['_DOWNLOADREQUEST']._serialized_start=925
-  _globals['_DOWNLOADREQUEST']._serialized_end=971
-  _globals['_CHUNK']._serialized_start=973
-  _globals['_CHUNK']._serialized_end=1009
-  _globals['_UPLOADHEADER']._serialized_start=1011
-  _globals['_UPLOADHEADER']._serialized_end=1134
-  _globals['_UPLOADMESSAGE']._serialized_start=1136
-  _globals['_UPLOADMESSAGE']._serialized_end=1233
-  _globals['_UPLOADREPLY']._serialized_start=1235
-  _globals['_UPLOADREPLY']._serialized_end=1265
-  _globals['_HEARTBEATREQUEST']._serialized_start=1267
-  _globals['_HEARTBEATREQUEST']._serialized_end=1300
-  _globals['_HEARTBEATREPLY']._serialized_start=1302
-  _globals['_HEARTBEATREPLY']._serialized_end=1356
-  _globals['_AGGREGATOR']._serialized_start=1359
-  _globals['_AGGREGATOR']._serialized_end=1671
+  _globals['_REGISTERREQUEST']._serialized_end=408
+  _globals['_REGISTERREPLY']._serialized_start=411
+  _globals['_REGISTERREPLY']._serialized_end=566
+  _globals['_FETCHTASKREQUEST']._serialized_start=568
+  _globals['_FETCHTASKREQUEST']._serialized_end=602
+  _globals['_ARTIFACTREF']._serialized_start=604
+  _globals['_ARTIFACTREF']._serialized_end=661
+  _globals['_TASK']._serialized_start=664
+  _globals['_TASK']._serialized_end=943
+  _globals['_TASK_STATUS']._serialized_start=876
+  _globals['_TASK_STATUS']._serialized_end=943
+  _globals['_DOWNLOADREQUEST']._serialized_start=945
+  _globals['_DOWNLOADREQUEST']._serialized_end=991
+  _globals['_CHUNK']._serialized_start=993
+  _globals['_CHUNK']._serialized_end=1029
+  _globals['_UPLOADHEADER']._serialized_start=1031
+  _globals['_UPLOADHEADER']._serialized_end=1154
+  _globals['_UPLOADMESSAGE']._serialized_start=1156
+  _globals['_UPLOADMESSAGE']._serialized_end=1253
+  _globals['_UPLOADREPLY']._serialized_start=1255
+  _globals['_UPLOADREPLY']._serialized_end=1285
+  _globals['_HEARTBEATREQUEST']._serialized_start=1287
+  _globals['_HEARTBEATREQUEST']._serialized_end=1320
+  _globals['_HEARTBEATREPLY']._serialized_start=1322
+  _globals['_HEARTBEATREPLY']._serialized_end=1376
+  _globals['_AGGREGATOR']._serialized_start=1379
+  _globals['_AGGREGATOR']._serialized_end=1691
 # @@protoc_insertion_point(module_scope)

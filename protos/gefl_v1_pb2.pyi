@@ -28,20 +28,22 @@ class DeviceProfile(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., board: _Optional[str] = ..., board_family: _Optional[str] = ..., cuda: _Optional[bool] = ..., train_samples_per_s: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("protocol_version", "name", "tier", "profile", "num_samples", "label_histogram")
+    __slots__ = ("protocol_version", "name", "tier", "profile", "num_samples", "label_histogram", "credential")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LABEL_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     name: str
     tier: str
     profile: DeviceProfile
     num_samples: int
     label_histogram: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., tier: _Optional[str] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., num_samples: _Optional[int] = ..., label_histogram: _Optional[_Iterable[int]] = ...) -> None: ...
+    credential: str
+    def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., tier: _Optional[str] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., num_samples: _Optional[int] = ..., label_histogram: _Optional[_Iterable[int]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("client_id", "token", "tier", "tier_reason", "config_yaml", "federation", "heartbeat_interval_s")

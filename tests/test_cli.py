@@ -72,3 +72,28 @@ def test_list_shows_the_registries():
     proc = gefl("list")
     assert proc.returncode == 0
     assert "cnn5b (110,306 params)" in proc.stdout and "gefl-f" in proc.stdout and "cvae-f" in proc.stdout
+
+
+def test_plaintext_off_loopback_needs_insecure_and_the_token_stays_out_of_the_log(tmp_path):
+    from netutil import Process, free_port, wait_for
+
+    # The aggregator's default address is every interface: without TLS that takes --insecure.
+    assert_user_error(gefl("aggregator", "serve", "--state-dir", str(tmp_path / "a")), "without TLS on 0.0.0.0",
+                      "--insecure", "gefl certs")
+    assert_user_error(gefl("aggregator", "serve", "--state-dir", str(tmp_path / "b"), "--mqtt", "mqtt://broker.lan"),
+                      "MQTT (mqtt://) without TLS on broker.lan", "--insecure")
+    for target in ("10.1.2.3:50051", "mqtt://broker.lan:1883"):
+        assert_user_error(gefl("client", "run", "--aggregator", target, "--data-dir", str(tmp_path),
+                               env={"GEFL_TOKEN": "t"}), "without TLS", "--insecure")
+    # With --insecure it serves; the generated enrolment token is in its file, not in the output.
+    port = free_port()
+    server = Process(["aggregator", "serve", "--state-dir", str(tmp_path / "c"), "--listen", f"0.0.0.0:{port}",
+                      "--insecure"], env={"GEFL_TOKEN": ""})
+    try:
+        server.wait_line("serving gRPC on 0.0.0.0", 300)
+        wait_for(lambda: (tmp_path / "c" / "enrolment-token").exists(), 30, "the token file")
+        token = (tmp_path / "c" / "enrolment-token").read_text().strip()
+        assert token and token not in server.output
+        assert "enrolment token written to" in server.output
+    finally:
+        server.kill()

@@ -181,3 +181,28 @@ def test_client_with_a_wrong_token_stops_with_a_clear_error(tmp_path, shards):
     missing = Process(["client", "run", "--aggregator", "127.0.0.1:1", "--data-dir", str(shards / "client-000")],
                       env={"GEFL_TOKEN": ""})
     assert missing.wait(30) == 2 and "enrolment token is needed" in missing.output
+
+
+def test_a_client_whose_result_is_refused_does_not_retrain_the_round_in_a_loop(tmp_path, shards):
+    """A diverged client (NaN loss) is refused; training the same task again gives the same NaN, so it
+    must wait for another round instead of retraining and uploading in a tight loop."""
+    cfg = config_from_dict({"algorithm": "fedavg", "num_clients": 1, "tiers": ["cnn2"], "rounds": 2,
+                            "train": {"lr": 1e12, "local_epochs": 1}, "eval": {"every": 100},
+                            "network": {"min_clients": 1, "round_timeout": 3}})
+    log: list[str] = []
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, log.append)
+    server, port, _ = start_server(coordinator, "127.0.0.1:0")
+    driver = threading.Thread(target=coordinator.run, daemon=True)
+    client = _client(f"127.0.0.1:{port}", shards / "client-000", "diverged")
+    try:
+        driver.start()
+        client.wait_line("result not counted", 120)
+        # Round 1 gets no result and runs again, several times, while the client sits it out.
+        wait_for(lambda: sum("result(s) by the deadline" in m for m in log) >= 4, 120, "four reruns of round 1")
+    finally:
+        coordinator.stopping.set()
+        driver.join(10)
+        server.stop(grace=None).wait()
+        client.kill()
+    refusals = [m for m in log if "refused" in m and "upload from client" in m]
+    assert len(refusals) == 1 and "NaN" in refusals[0], refusals

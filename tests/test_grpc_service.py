@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
 from gefl.aggregator.grpc_server import TlsFiles, start_server
 from gefl.aggregator.serve import build_coordinator
 from gefl.edge_client.grpc_transport import GrpcClientTransport
@@ -92,6 +93,66 @@ def test_health_service_reports_serving(aggregator):
         for service in ("", "gefl.v1.Aggregator"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_burst_of_health_watches_leaves_the_federation_served(tmp_path):
+    """Health.Watch needs no token; 200 open watches must not crowd out a genuine client's calls."""
+    from gefl.aggregator.grpc_server import MAX_HEALTH_WATCHES
+
+    agg = Aggregator(tmp_path / "state", config={**CONFIG, "network": {"min_clients": 2}})
+    channel = grpc.insecure_channel(agg.address)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120) for _ in range(200)]
+        outcomes = []
+        for watch in watches:
+            try:
+                outcomes.append(next(watch).status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                outcomes.append(False)
+        assert sum(outcomes) == MAX_HEALTH_WATCHES  # the rest refused at once, with a status that says why
+        client = GrpcClientTransport(agg.address, TOKEN)
+        _register(client)  # the federation's own calls still get through
+        assert client.fetch_task(0.1).status == "wait"
+    finally:
+        for watch in watches:
+            watch.cancel()
+        channel.close()
+        agg.stop()
+
+
+def test_a_server_at_its_call_limit_is_waited_for_not_taken_as_a_refusal(tmp_path):
+    """grpc answers RESOURCE_EXHAUSTED when its concurrency limit is reached: a client must back off
+    and retry (Unavailable), not give up as if the aggregator had refused it."""
+    coordinator = build_coordinator(config_from_dict({**CONFIG, "network": {"min_clients": 2}}), tmp_path / "s",
+                                    TOKEN, lambda m: None)
+    server, port, _ = start_server(coordinator, "127.0.0.1:0", max_workers=1)
+    address = f"127.0.0.1:{port}"
+    try:
+        holder = GrpcClientTransport(address, TOKEN)
+        _register(holder, "holder")
+        outcomes: list[BaseException | None] = []
+
+        def poll() -> None:  # no round opens (the quorum is two): each call waits out its 5 s
+            try:
+                holder.fetch_task(5.0)
+                outcomes.append(None)
+            except Exception as exc:  # noqa: BLE001 - the test sorts them below
+                outcomes.append(exc)
+
+        # More long polls than the server's limit (one worker + the health watches' share).
+        threads = [threading.Thread(target=poll, daemon=True) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        busy = [o for o in outcomes if isinstance(o, Unavailable) and "Concurrent RPC limit" in str(o)]
+        assert busy, outcomes  # the limit was met ...
+        assert not [o for o in outcomes if isinstance(o, Refused)], outcomes  # ... and never taken as a verdict
+    finally:
+        coordinator.stopping.set()
+        server.stop(grace=None).wait()
 
 
 def test_every_bad_upload_is_refused_with_its_reason_and_leaves_the_global_model_alone(aggregator):
@@ -182,14 +243,32 @@ def test_registration_needs_the_enrolment_token_and_a_known_tier(aggregator):
         client.register(RegisterRequest(name="b", tier="auto", num_samples=10))
     with pytest.raises(Refused, match="add up"):
         client.register(RegisterRequest(name="b", tier="cnn2", num_samples=10, label_histogram=(3, 3)))
-    # Registering again under the same name keeps the client id; a third name finds the federation full.
+    # Registering again under the same name, with the device's own credential, keeps the client id
+    # and the token; a third name finds the federation full.
     _register(client, "a")
     first = client.token
-    _register(client, "a")
-    assert client.token != first and len(aggregator.coordinator.clients) == 1
+    client.register(RegisterRequest(name="a", tier="cnn2", num_samples=100, credential=first))
+    assert client.token == first and len(aggregator.coordinator.clients) == 1
     _register(client, "b")
     with pytest.raises(Refused, match="federation is full"):
         _register(client, "c")
+
+
+def test_a_registered_name_goes_back_only_to_the_device_that_proves_it_owns_it(aggregator):
+    """The enrolment token is the whole fleet's: with it alone, another device must not take a
+    registered device's name, client id and token."""
+    board = GrpcClientTransport(aggregator.address, TOKEN)
+    _register(board, "board-1")
+    own_id, own_token = aggregator.coordinator.clients[0].client_id, board.token
+    intruder = GrpcClientTransport(aggregator.address, TOKEN)
+    for credential in ("", "a-guessed-token", TOKEN):
+        with pytest.raises(Unauthenticated, match="registered by another device"):
+            intruder.register(RegisterRequest(name="board-1", tier="cnn2", num_samples=100, credential=credential))
+    assert aggregator.coordinator.authenticate(own_token).client_id == own_id  # the device is undisturbed
+    # The device itself, restarted (a new connection, its kept credential), gets its place back.
+    again = GrpcClientTransport(aggregator.address, TOKEN)
+    again.register(RegisterRequest(name="board-1", tier="cnn2", num_samples=100, credential=own_token))
+    assert again.token == own_token and len(aggregator.coordinator.clients) == 1
 
 
 def test_tls_and_mutual_tls(tmp_path):
@@ -205,10 +284,14 @@ def test_tls_and_mutual_tls(tmp_path):
         tls.stop()
     mtls = Aggregator(tmp_path / "mtls", TlsFiles(certs["server"], certs["server-key"], certs["ca"]))
     try:
-        _register(GrpcClientTransport(mtls.address, TOKEN, ca=certs["ca"], cert=certs["client"],
-                                      key=certs["client-key"]), "mtls-ok")
+        board = GrpcClientTransport(mtls.address, TOKEN, ca=certs["ca"], cert=certs["client"], key=certs["client-key"])
+        _register(board, "board-1")
         with pytest.raises(Unavailable):  # no client certificate: the handshake fails
             _register(GrpcClientTransport(mtls.address, TOKEN, ca=certs["ca"]), "no-cert")
+        # The certificate names the device: another name is refused, and the name needs no other proof.
+        with pytest.raises(Unauthenticated, match="not the name on this device's client certificate"):
+            _register(board, "board-2")
+        _register(board, "board-1")  # a restarted board that lost its credential file: the certificate suffices
         assert len(mtls.coordinator.clients) == 1
     finally:
         mtls.stop()
@@ -308,3 +391,83 @@ def test_a_corrupt_checkpoint_or_another_config_in_the_state_dir_is_refused_by_n
         build_coordinator(config_from_dict({**CONFIG, "rounds": 3}), state, TOKEN, lambda m: None)
     resumed = build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
     assert [c.name for c in resumed.clients.values()] == ["board-1"]
+
+
+def _checkpoint_after_a_registration(state: Path) -> bytes:
+    agg = Aggregator(state)
+    _register(GrpcClientTransport(agg.address, TOKEN))
+    wait_for(lambda: (state / "checkpoint.safetensors").exists(), 60, "the registry checkpoint")
+    agg.stop()
+    return (state / "checkpoint.safetensors").read_bytes()
+
+
+def test_a_damaged_or_non_finite_checkpoint_is_refused_not_resumed(tmp_path):
+    """A bit flip or a run of 0xFF in the tensor data must not resume silently with other weights, and
+    NaN weights (with a digest that matches them) must not resume at all."""
+    import json as _json
+    import struct
+
+    from gefl.aggregator.coordinator import _checkpoint_digest
+    from safetensors import safe_open
+
+    from gefl.errors import GeflError
+
+    state = tmp_path / "state"
+    good = _checkpoint_after_a_registration(state)
+    data_start = 8 + struct.unpack("<Q", good[:8])[0]
+    path = state / "checkpoint.safetensors"
+    for damage in ("bit", "ff"):
+        bad = bytearray(good)
+        if damage == "bit":
+            bad[data_start + 100] ^= 0x01
+        else:
+            bad[data_start + 64:data_start + 320] = b"\xff" * 256
+        path.write_bytes(bytes(bad))
+        with pytest.raises(GeflError, match="is damaged"):
+            build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+    # NaN weights with a digest recomputed to match them: refused as non-finite.
+    path.write_bytes(good)
+    with safe_open(path, "np") as f:
+        meta = _json.loads(f.metadata()["gefl"])
+    arrays = decode_arrays(good)
+    name = next(k for k, a in arrays.items() if a.dtype == np.float32)
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    meta.pop("sha256")
+    meta["sha256"] = _checkpoint_digest(arrays, meta)
+    path.write_bytes(encode_arrays(arrays, {"gefl": _json.dumps(meta)}))
+    with pytest.raises(GeflError, match="non-finite"):
+        build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+    path.write_bytes(good)  # the undamaged file still resumes
+    assert [c.name for c in build_coordinator(config_from_dict(CONFIG), state, TOKEN,
+                                              lambda m: None).clients.values()] == ["board-1"]
+
+
+def test_an_unwritable_state_directory_or_checkpoint_stops_the_aggregator_in_one_paragraph(tmp_path):
+    """At start (the state directory cannot be made) and mid-run (the checkpoint cannot be written):
+    exit 2 with a message, never a traceback; mid-run the last good checkpoint is kept."""
+    from netutil import Process, free_port
+
+    (tmp_path / "a-file").write_text("in the way")
+    start = Process(["aggregator", "serve", "--state-dir", str(tmp_path / "a-file" / "state"), "--listen",
+                     f"127.0.0.1:{free_port()}"], env={"GEFL_TOKEN": TOKEN})
+    assert start.wait(300) == 2, start.output
+    assert "Traceback" not in start.output and "gefl: error: cannot" in start.output
+
+    state = tmp_path / "state"
+    good = _checkpoint_after_a_registration(state)
+    (state / ".checkpoint.safetensors.tmp").mkdir()  # the next checkpoint write fails
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    port = free_port()
+    serve = Process(["aggregator", "serve", "--config", str(config), "--state-dir", str(state), "--listen",
+                     f"127.0.0.1:{port}"], env={"GEFL_TOKEN": TOKEN})
+    try:
+        serve.wait_line("serving gRPC", 300)
+        board = GrpcClientTransport(f"127.0.0.1:{port}", TOKEN)  # a new registration: the registry must be saved
+        _register(board, "board-2")
+        assert serve.wait(300) == 2, serve.output
+    finally:
+        serve.kill()
+    assert "Traceback" not in serve.output
+    assert "cannot write the checkpoint" in serve.output and "last good checkpoint is kept" in serve.output
+    assert (state / "checkpoint.safetensors").read_bytes() == good
