@@ -19,6 +19,7 @@ from gefl.data import IMAGE_SIZE, Split, public_images
 from gefl.errors import GeflError, unknown_name
 from gefl.federation import Phase, RoundInfo
 from gefl.generators import FEATURE, IMAGE, STATS_PREFIX, Generator, build_generator
+from gefl.generators.cvae import statistics_problem
 from gefl.models import FE_CHANNELS, TierNet, get_model
 from gefl.training import (
     distil,
@@ -316,19 +317,32 @@ class GeneratorAlgorithm(LGFedAvg):
         return {k: v.float() if v.is_floating_point() else v for k, v in decode_state(data).items()}
 
     def check_result(self, result: ClientResult, state: GlobalState) -> None:
-        """Also refuse sample counts (`stats.count`, summed into every client's prior) that are
-        negative or add up to more samples than the client trained on: one client must not be
-        able to outweigh the others' data in what every client then samples from."""
+        """Also refuse class-prior statistics (`stats.`, summed into every client's prior) that
+        no client's own codes can give: counts that are negative or add up to more samples than
+        the client trained on, and sums and second moments inconsistent with their counts
+        (`statistics_problem`: a mean outside the codes' range, an indefinite covariance, sums
+        without a count). One client must not be able to outweigh the others' data, or move a
+        class's mixture where no code lies, in what every client then samples from."""
         if result.phase == GENERATOR and state.generator is not None:
             state = GlobalState(state.models, self.generator_wire(state.generator))
         super().check_result(result, state)
         if result.phase != GENERATOR:
             return
-        count = decode_state(result.state).get(f"{STATS_PREFIX}count")
-        if count is not None and (count.min() < 0 or count.sum() > result.num_samples * (1 + 1e-3)):
+        received = decode_state(result.state)
+        count = received.get(f"{STATS_PREFIX}count")
+        if count is None:
+            return
+        if count.min() < 0 or count.sum() > result.num_samples * (1 + 1e-3):
             raise GeflError(f"client {result.client_id}: generator statistics {STATS_PREFIX}count hold "
                             f"{float(count.sum()):.1f} samples (smallest entry {float(count.min()):.1f}) for "
                             f"{result.num_samples} trained on; counts must be non-negative and add up to at most that")
+        total, moment = received.get(f"{STATS_PREFIX}sum"), received.get(f"{STATS_PREFIX}moment")
+        if total is not None and moment is not None:  # shapes: checked against the global generator above
+            problem = statistics_problem(count, total, moment)
+            if problem is not None:
+                raise GeflError(f"client {result.client_id}: generator statistics ({STATS_PREFIX}count, sum, moment) "
+                                f"of {problem}; they must be the sums of the client's own codes, as an unmodified "
+                                "client sends them")
 
     # -- client side -------------------------------------------------------------------------
     def _client_generator(self, task: ClientTask, data: Split, num_classes: int) -> Generator:
@@ -420,8 +434,23 @@ class GeFLF(GeneratorAlgorithm):
         loss = self._train_classifier(model.head, features, data.labels, generator, num_classes, rng)
         return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)
 
+    def check_result(self, result: ClientResult, state: GlobalState) -> None:
+        """Also refuse a head round's model whose FE differs from the global one. The FE is frozen
+        after the warm-up (the generator models its features, and every head trains on them), so
+        an honest result carries it unchanged, bit for bit; averaged into its tier, a changed one
+        would move the features under every client's head and the generator alike."""
+        super().check_result(result, state)
+        if result.phase != HEAD:
+            return
+        received, expected = decode_state(result.state), state.models[result.tier]
+        changed = [k for k in expected if k.startswith("fe.") and not torch.equal(received[k], expected[k])]
+        if changed:
+            raise GeflError(f"client {result.client_id}: the tier {result.tier!r} model's feature extractor differs "
+                            f"from the global one ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); "
+                            "it is frozen after the warm-up, and a head round may change only the head")
+
     def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:
-        if phase == HEAD:  # heads per architecture; the frozen FE is the same in every result
+        if phase == HEAD:  # heads per architecture; the frozen FE is the same in every result (check_result)
             return Algorithm.aggregate(self, phase, state, results)
         return super().aggregate(phase, state, results)
 

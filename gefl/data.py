@@ -105,7 +105,9 @@ def _load_idx_dir(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     out = []
     for split in ("train", "test"):
         images_path, labels_path = (_find_idx(directory, s) for s in IDX_FILES[split])
-        assert images_path is not None and labels_path is not None
+        if images_path is None or labels_path is None:
+            raise GeflError(f"{directory}: the {split} images or labels (IDX files {', '.join(IDX_FILES[split])}) "
+                            "are missing")
         images, labels = read_idx(images_path), read_idx(labels_path)
         if len(images) != len(labels):
             raise GeflError(f"{directory}: {split} has {len(images)} images but {len(labels)} labels")

@@ -66,14 +66,18 @@ def _init_worker(ctx: WorkerContext) -> None:
     _CTX = ctx
 
 
+def _context() -> WorkerContext:
+    if _CTX is None:  # not an assert: those vanish under python -O
+        raise RuntimeError("a worker ran a task before its pool initialiser set its context")
+    return _CTX
+
+
 def _run(task: ClientTask) -> ClientResult:
-    assert _CTX is not None
-    return _CTX.run(task)
+    return _context().run(task)
 
 
 def _evaluate(tier: str, state: bytes) -> float:
-    assert _CTX is not None
-    return _CTX.evaluate(tier, state)
+    return _context().evaluate(tier, state)
 
 
 class ProcessExecutor:

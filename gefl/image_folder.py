@@ -8,11 +8,18 @@ layout back with pillow and numpy only (it is also what a board without torch ca
 `load_client_split` turns it into the training tensors a client trains on.
 
 Two conventions keep labels meaningful across clients. Every class gets a folder in every client
-directory, empty or not: ImageFolder numbers classes by sorted folder name, so a client missing a
-class under a non-IID split would otherwise shift every later label. And folders are named
-"<index>-<slug>" with a zero-padded index, so name order is class order whatever the class names.
-Note that torchvision's own ImageFolder needs `allow_empty=True` to accept the empty class
-folders, and its default loader converts grayscale images to RGB.
+directory, empty or not, so a client missing a class under a non-IID split cannot shift every later
+label. And folders are named "<index>-<slug>" with a zero-padded index: `read_image_folder` takes
+each label from that index (and refuses gaps and repeats), and up to 100 classes name order is
+class order too, as torchvision's ImageFolder, which numbers classes by sorted folder name, needs
+("100-" sorts between "10-" and "11-"). Note that torchvision's own ImageFolder needs
+`allow_empty=True` to accept the empty class folders, and its default loader converts grayscale
+images to RGB.
+
+A client's data directory is read as untrusted input: what it holds is what the client trains on
+and registers with, so `read_image_folder` follows no link to a directory, none out of the
+directory, counts each file once and decodes only the image formats of IMAGE_SUFFIXES, up to
+MAX_IMAGE_PIXELS; anything else is a GeflError naming the file.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,12 +41,24 @@ if TYPE_CHECKING:  # gefl.data imports torch; this module must stay importable w
     from gefl.data import Split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+"""The pillow formats of IMAGE_SUFFIXES: the only ones a data directory's files are decoded as."""
+MAX_IMAGE_PIXELS = 1024 * 1024
+"""Largest image accepted (width x height): a thousand times the 32x32 every image is resized to
+for training, and more than any registered dataset's images (28x28, 32x32), yet small enough that
+one image cannot exhaust a board's memory."""
+MAX_CLASSES = 100_000
+"""As many classes as the aggregator accepts in a label histogram (gefl.aggregator.coordinator)."""
+_CLASS_DIR = re.compile(r"([0-9]{1,6})-([A-Za-z0-9][A-Za-z0-9_-]*)")
+"""A class folder's name, `class_dir_name`'s format: the index (ASCII digits: int() would also take
+other scripts' digits) and a name of letters, digits, '-' and '_' (nothing a path could misread)."""
 MANIFEST = "manifest.json"
 _GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def class_dir_name(index: int, name: str) -> str:
-    """'T-shirt/top' at index 0 -> '00-t-shirt-top': sorts in class order and is safe on any filesystem."""
+    """'T-shirt/top' at index 0 -> '00-t-shirt-top': the index first (it is the label `read_image_folder`
+    gives), in class order by name up to 100 classes, and safe on any filesystem."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
     return f"{index:02d}-{slug}"
 
@@ -128,29 +148,222 @@ def _to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.uint8))
 
 
+FileKey = tuple[int, int]
+"""(st_dev, st_ino): one file, whatever the paths (links) that lead to it."""
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _inside(target: str, root: str) -> bool:
+    return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_link(link: str, root: str) -> str:
+    """Where the symbolic link `link` leads (resolved); refuses a link to a directory, anywhere
+    under the data directory, and a link that leads out of it.
+
+    Links to directories are never followed: one back up the tree (`loop -> ..`) would list the
+    class's images again under every name the loop can spell (a 600-image client read 24,600, two
+    such links never finish), and any other one lists images that are already counted under their
+    own folder, or lie outside the data directory. Links that lead out of the data directory are
+    refused rather than skipped with a warning: the client trains on, and reports the sample count
+    of, exactly what this function returns, a skipped image would change both silently (a
+    warning in a service's journal is rarely read), and the refusal comes before any network
+    traffic, with the link named, so the fix is plain: copy the file in or delete the link. A link
+    to a file inside the data directory is read (once: see `_class_images`).
+    """
+    target = os.path.realpath(link)
+    if os.path.isdir(target):
+        where = "into" if _inside(target, root) else "out of the data directory, to"
+        raise GeflError(f"{link} is a symbolic link to a directory ({where} {target}); links to directories are "
+                        "not followed (they can loop or count images twice): replace the link with the folder's "
+                        "files or delete it")
+    if not _inside(target, root):
+        raise GeflError(f"{link} is a symbolic link that leads out of the data directory {root}, to {target}; "
+                        "copy the file into the data directory or delete the link")
+    return target
+
+
 def _class_folders(root: Path) -> list[str]:
-    """Sub-directories sorted by name, empty ones included (torchvision's `find_classes`)."""
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    """The class folders (direct sub-directories of `root`), in label order: a folder's label is
+    the number it starts with, so folders named `NN-name` by `write_split` (`class_dir_name`)
+    keep their labels whatever their count (by name, '100-' sorts between '10-' and '11-'). The
+    indices must be 0, 1, ... without gaps or repeats: a missing one would shift what every later
+    label means. Other names (`..evil`, `lost+found`) are refused here, by name, before the client
+    registers: the number of folders can only be checked against the federation's dataset after
+    registration (`load_client_split`), and a stray folder would otherwise pass until then."""
+    real_root = os.path.realpath(root)
+    by_index: dict[int, str] = {}
+    for entry in _listing(root):
+        if entry.is_symlink():
+            if os.path.isdir(entry.path):
+                _check_link(entry.path, real_root)  # refuses it
+            continue  # a link to a file beside the class folders: never read
+        if not entry.is_dir(follow_symlinks=False):
+            continue  # a file beside the class folders (notes, a manifest): not a class
+        match = _CLASS_DIR.fullmatch(entry.name)
+        if match is None:
+            raise GeflError(f"{entry.path} is not a class folder: class folders are named <index>-<name> with the "
+                            "class's index in the dataset first (e.g. 00-t-shirt-top, as `gefl data split` writes "
+                            "them); rename or remove it")
+        index = int(match.group(1))
+        if index in by_index:
+            raise GeflError(f"class folders {root / by_index[index]} and {entry.path} both have index {index}; "
+                            "each class index must name one folder: merge or renumber them")
+        by_index[index] = entry.name
+    if len(by_index) > MAX_CLASSES:
+        raise GeflError(f"{root} has {len(by_index)} class folders; at most {MAX_CLASSES} classes are supported")
+    missing = sorted(set(range(len(by_index))) - set(by_index))
+    if missing:
+        first = ", ".join(f"{i:02d}" for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise GeflError(f"{root} has {len(by_index)} class folders, but none with index {first} (the highest "
+                        f"is {max(by_index):02d}); number the class folders 00, 01, ... without gaps, one per "
+                        "class of the dataset, empty ones included, so each index is that class's label")
+    return [by_index[i] for i in range(len(by_index))]
 
 
-def _image_files(class_root: Path) -> list[str]:
-    """Image files under one class folder, as paths relative to it (searched recursively, like torchvision)."""
-    found = []
-    for dirpath, _dirnames, filenames in os.walk(class_root, followlinks=True):
-        for filename in filenames:
-            if filename.lower().endswith(IMAGE_SUFFIXES):
-                found.append(Path(dirpath, filename).relative_to(class_root).as_posix())
+def _listing(folder: str | Path) -> list[os.DirEntry]:
+    """A folder's entries sorted by name; an unreadable folder is refused by name."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as exc:
+        raise GeflError(f"{folder} cannot be listed ({exc.strerror}); check its permissions") from None
+
+
+def _stat(path: str | Path, follow: bool) -> os.stat_result:
+    try:
+        return os.stat(path, follow_symlinks=follow)
+    except OSError as exc:
+        raise GeflError(f"{path} cannot be read ({exc.strerror}); check its permissions or delete it") from None
+
+
+def _class_images(class_root: Path, real_root: str) -> list[tuple[str, FileKey]]:
+    """Image files under one class folder (searched recursively, like torchvision) as (path
+    relative to the folder, file key: which file it is, whatever the path).
+
+    Directory links are not followed (`_check_link`), and a directory reached twice (a bind
+    mount of its parent) is refused, so the search ends. Special files with an image's name (a
+    FIFO, a device) are refused: opening one would block, or never end. A link to a file keeps
+    the key of the file it leads to, so `read_image_folder` counts each file once.
+    """
+    found: list[tuple[str, FileKey]] = []
+    top = _stat(class_root, follow=False)
+    visited = {(top.st_dev, top.st_ino)}
+    pending = [class_root]
+    while pending:
+        folder = pending.pop()
+        for entry in _listing(folder):
+            path = Path(entry.path)
+            if entry.is_symlink():
+                if not _is_image_name(entry.name) and not os.path.isdir(entry.path):
+                    continue  # a link that is neither a folder nor an image is never read
+                target = _check_link(entry.path, real_root)
+                if not os.path.exists(entry.path):
+                    raise GeflError(f"{path} is a symbolic link to {target}, which does not exist; fix or delete "
+                                    "the link")
+                st = _stat(path, follow=True)
+            elif entry.is_dir(follow_symlinks=False):
+                st = _stat(path, follow=False)
+                if (st.st_dev, st.st_ino) in visited:
+                    raise GeflError(f"{path} is a directory already read under another path (a bind mount?); "
+                                    "each image must be in the data directory once")
+                visited.add((st.st_dev, st.st_ino))
+                pending.append(path)
+                continue
+            elif not _is_image_name(entry.name):
+                continue
+            else:
+                st = _stat(path, follow=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise GeflError(f"{path} is not a regular file (a FIFO, socket or device with an image's name); "
+                                "delete it")
+            found.append((path.relative_to(class_root).as_posix(), (st.st_dev, st.st_ino)))
     return found
+
+
+def _once(root: Path, classes: list[str], samples: list[tuple[str, int, FileKey]]) -> list[tuple[str, int, FileKey]]:
+    """`samples` (sorted) with each file once, under its first path in name order: a link to an
+    image, or a hard link, in its own class folder would count (and weigh) the image twice. Two
+    paths to one file in different class folders are refused, since an image has one label."""
+    first: dict[FileKey, tuple[str, int]] = {}
+    kept = []
+    for name, label, key in samples:
+        if key in first:
+            other, other_label = first[key]
+            if other_label != label:
+                raise GeflError(f"{root / classes[label] / name} and {root / classes[other_label] / other} are the "
+                                "same file (a link) in two class folders; an image has one label: delete one")
+            continue
+        first[key] = (name, label)
+        kept.append((name, label, key))
+    return kept
+
+
+def _open_image(file: Path, key: FileKey, channels: int | None) -> tuple[Image.Image, bool]:
+    """`file` decoded and converted to `channels` (see `read_image_folder`), and whether it was
+    grayscale; anything pillow cannot decode, or an image larger than MAX_IMAGE_PIXELS, is
+    refused by name.
+
+    The file is opened without blocking and checked to be the regular file the scan found (a
+    FIFO put in its place meanwhile would hang the read). Only the formats of IMAGE_SUFFIXES
+    are tried: pillow would otherwise try every plugin it has on a file, EPS among them, whose
+    reader runs Ghostscript. The size is checked from the header, before any pixel is decoded:
+    a few-KB PNG can declare 50,000 x 50,000 pixels, and pillow's own limit (MAX_IMAGE_PIXELS,
+    89 Mpixels, and only a warning below twice that) is sized for photos, not for a board with
+    1 GB. Decoders raise many kinds of exception on hostile bytes (OSError, SyntaxError,
+    struct.error, IndexError, ...), so any exception while decoding this one file is reported
+    as the file being unreadable.
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise GeflError(f"{file} cannot be opened ({exc.strerror}); check its permissions or delete it") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key:
+            raise GeflError(f"{file} changed while the data directory was read; read it again when nothing is "
+                            "writing to it")
+        try:
+            with Image.open(fh, formats=_pillow_formats()) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise GeflError(f"{file} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                                    "an image may have here (training resizes every image to 32x32); resize it "
+                                    "(a decompression bomb declares a huge size in a small file)")
+                image.load()
+                gray = image.mode in _GRAYSCALE_MODES
+                target = {1: "L", 3: "RGB", None: "L" if gray else "RGB"}[channels]
+                return image.convert(target), gray
+        except GeflError:
+            raise
+        except Exception as exc:  # see the docstring: hostile bytes raise anything
+            reason = str(exc) or type(exc).__name__
+            raise GeflError(f"{file} is not an image pillow can read ({reason}); replace or delete it") from None
+
+
+def _pillow_formats() -> list[str]:
+    """The pillow formats of IMAGE_SUFFIXES that this pillow can open (WebP is optional)."""
+    Image.init()
+    return [f for f in _FORMATS if f in Image.OPEN]
 
 
 def read_image_folder(path: str | Path, channels: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read a directory in ImageFolder layout as (uint8 images (N, C, H, W), int64 labels, class folder names).
 
-    Class folders are the sub-directories sorted by name, including empty ones, and a class's
-    label is its position in that order. Samples are ordered by file name across all classes,
-    so a directory written by `write_split` reads back in training-set order. `channels` 1 or 3
-    converts every image to grayscale ("L") or "RGB"; None gives 1 channel if every image is
-    grayscale, else 3. Images keep their size, which must be the same for all of them.
+    Class folders are the sub-directories named `<index>-<name>`, including empty ones; a class's
+    label is its index, and the names come back in label order (see `_class_folders`). Samples
+    are ordered by file name across all classes, so a directory written by `write_split` reads
+    back in training-set order. `channels` 1 or 3 converts every image to grayscale ("L") or
+    "RGB"; None gives 1 channel if every image is grayscale, else 3. Images keep their size,
+    which must be the same for all of them.
+
+    What this returns is what a client trains on and registers with, so anything that would
+    make it differ from the images in the directory is refused, by name, before any network
+    traffic: links to directories or out of the directory (`_check_link`), one file under two
+    labels, special files, undecodable or oversized images (`_open_image`).
     """
     root = Path(path)
     if not root.exists():
@@ -162,11 +375,13 @@ def read_image_folder(path: str | Path, channels: int | None = None) -> tuple[np
         raise GeflError(f"channels must be 1, 3 or None, got {channels!r}")
     classes = _class_folders(root)
     if not classes:
-        loose = [p.name for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)]
+        loose = [p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
         hint = f" ({len(loose)} images lie directly in it)" if loose else ""
         raise GeflError(f"{root} has no class sub-folders{hint}; put each class's images in a sub-folder of its "
-                        f"own: {root}/<class>/<image>.png, one sub-folder per class of the dataset")
-    samples = sorted((name, label) for label, cls in enumerate(classes) for name in _image_files(root / cls))
+                        f"own: {root}/<index>-<class>/<image>.png, one sub-folder per class of the dataset")
+    real_root = os.path.realpath(root)
+    samples = _once(root, classes, sorted((name, label, key) for label, cls in enumerate(classes)
+                                          for name, key in _class_images(root / cls, real_root)))
     if not samples:
         raise GeflError(f"{root} has {len(classes)} class folders but no images in any of them (looked for "
                         f"{', '.join(IMAGE_SUFFIXES)}); put the images in the class folders")
@@ -174,16 +389,9 @@ def read_image_folder(path: str | Path, channels: int | None = None) -> tuple[np
     arrays: list[np.ndarray] = []
     all_gray = True
     first: tuple[Path, tuple[int, int]] | None = None
-    for name, label in samples:
+    for name, label, key in samples:
         file = root / classes[label] / name
-        try:
-            with Image.open(file) as image:
-                image.load()
-                gray = image.mode in _GRAYSCALE_MODES
-                target = {1: "L", 3: "RGB", None: "L" if gray else "RGB"}[channels]
-                converted = image.convert(target)
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-            raise GeflError(f"{file} is not an image pillow can read ({exc}); replace or delete it") from None
+        converted, gray = _open_image(file, key, channels)
         all_gray &= gray
         if first is None:
             first = (file, converted.size)
@@ -197,7 +405,7 @@ def read_image_folder(path: str | Path, channels: int | None = None) -> tuple[np
     if channels is None and not all_gray:  # L -> RGB repeats the one band, as pillow's convert does
         arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
     images = np.ascontiguousarray(np.stack(arrays))
-    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    labels = np.asarray([label for _, label, _ in samples], dtype=np.int64)
     return images, labels, classes
 
 
@@ -214,7 +422,7 @@ def load_client_split(path: str | Path, num_classes: int, channels: int) -> Spli
     if len(classes) != num_classes:
         raise GeflError(
             f"{path} has {len(classes)} class folders, but the federation's dataset has {num_classes} classes: "
-            f"{', '.join(classes)}; make one folder per class, empty ones included, named so that sorting them "
-            "gives the dataset's class order (`gefl data split` writes them so)"
+            f"{', '.join(classes)}; make one folder per class, empty ones included, named <index>-<name> with "
+            "the class's index in the dataset (`gefl data split` writes them so)"
         )
     return Split(to_tensor(images), torch.as_tensor(labels, dtype=torch.long))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from gefl.generators import FEATURE, IMAGE, Generator, register_generator
+
+LOGVAR_LIMIT = 10.0
+"""The encoder's log-variances are clamped to +-LOGVAR_LIMIT, so a code's variance lies within
+exp(-+LOGVAR_LIMIT) (exp(10) = 22,026): one bound a second moment's diagonal can be held to."""
+CODE_LIMIT = 100.0
+"""Largest plausible |coordinate| of an encoder's mean code. The KL term pulls the codes towards
+N(0, I) (a coordinate of 100 costs 5,000 nats per sample and dimension), and measured once (the
+`light` CVAE-F, 30 epochs on the features of 600 Fashion-MNIST images under an untrained cnn3 FE)
+the codes stayed within +-6.2, root mean square 1.0: 100 is generous, 100 standard deviations of
+the prior, and still bounds how far one client can move a class's mixture."""
+TINY_COUNT = 1e-20
+"""Counts below this are responsibilities that float32 represents with little or no precision (a
+code's responsibility for a far-away component underflows towards the subnormals), so their sums
+are only held to their bounds, not to a covariance: such a component weighs nothing in the pool."""
 
 
 class ClassLatentStats(nn.Module):
@@ -117,6 +132,70 @@ class ClassLatentStats(nn.Module):
         return mean[labels, k] + (root[labels, k] @ eps[:, :, None]).squeeze(-1), seen[labels]
 
 
+def statistics_problem(count: torch.Tensor, total: torch.Tensor, moment: torch.Tensor) -> str | None:
+    """What makes one client's class-prior statistics (`ClassLatentStats`' count [C, K], sum
+    [C, K, D] and moment [C, K, D, D]) impossible as the sums of real codes, as "class c,
+    component k: ..."; None if nothing does.
+
+    The aggregator adds every client's statistics into the prior every client then samples from,
+    so a client could otherwise place a class's mixture anywhere (or make its covariance
+    indefinite) with nothing but its own, bounded, count of samples. Sums of n codes mu with
+    variances v satisfy, whatever the codes: for n = 0, sum and moment are zero; the mean sum/n
+    lies within the codes' range (CODE_LIMIT); the moment is symmetric, its diagonal over n at most
+    CODE_LIMIT^2 + exp(LOGVAR_LIMIT), and moment/n - mean mean^T, the codes' covariance plus their
+    mean variance, positive semi-definite. The last two are checked to a tolerance of 1e-3 of the
+    largest second moment per sample: float32's rounding of honest sums reaches 2e-5 of it (60,000
+    codes 6 from the origin with variances of exp(-10), measured), and it grows with the codes'
+    distance from the origin, where the covariance is a small difference of large sums. Computed
+    in float64.
+    """
+    n, s, m = count.double(), total.double(), moment.double()
+    slack = 1.0 + 1e-3  # float32 rounding of honest sums, relative
+    second = torch.diagonal(m, dim1=-2, dim2=-1)
+    nonzero = (s != 0).any(-1) | (m != 0).flatten(-2).any(-1)
+    checks = [
+        (~torch.isfinite(n) | ~torch.isfinite(s).all(-1) | ~torch.isfinite(m).flatten(-2).all(-1),
+         lambda c, k: "NaN or infinite values"),
+        (n < 0, lambda c, k: f"a negative count ({float(n[c, k]):.3g})"),
+        ((n == 0) & nonzero, lambda c, k: "a count of 0 but non-zero sums (a component without codes sums to 0)"),
+    ]
+    mean_bad = (s.abs() > CODE_LIMIT * n[..., None] * slack + 1e-30).any(-1) & (n > 0)
+    second_limit = CODE_LIMIT**2 + math.exp(LOGVAR_LIMIT)
+    second_bad = ((second > second_limit * n[..., None] * slack + 1e-30).any(-1)
+                  | (m.abs() > second_limit * n[..., None, None] * slack + 1e-30).flatten(-2).any(-1)) & (n > 0)
+    checks += [
+        (mean_bad, lambda c, k: f"a mean code of {_largest(s[c, k] / n[c, k]):.3g} (codes lie within "
+                                f"+-{CODE_LIMIT:g})"),
+        (second_bad, lambda c, k: f"second moments of {_largest(m[c, k] / n[c, k]):.3g} per sample (at most "
+                                  f"{second_limit:.0f} for codes within +-{CODE_LIMIT:g})"),
+    ]
+    big = n >= TINY_COUNT
+    safe_n = torch.where(big, n, torch.ones_like(n))
+    mean = s / safe_n[..., None]
+    scale = (second / safe_n[..., None]).amax(-1).clamp(min=1.0)
+    asymmetric = (m - m.transpose(-1, -2)).abs().flatten(-2).amax(-1) / safe_n > 1e-3 * scale
+    cov = m / safe_n[..., None, None] - mean[..., :, None] * mean[..., None, :]
+    sym = 0.5 * (cov + cov.transpose(-1, -2))
+    lowest = torch.linalg.eigvalsh(torch.where(torch.isfinite(sym), sym, torch.zeros_like(sym)))[..., 0]
+    checks += [
+        (asymmetric & big, lambda c, k: "a second-moment matrix that is not symmetric"),
+        (big & (lowest < -1e-3 * scale), lambda c, k: f"a covariance (moment/count - mean mean^T) with eigenvalue "
+                                                      f"{float(lowest[c, k]):.3g}, which no codes can have "
+                                                      "(it must be positive semi-definite)"),
+    ]
+    for bad, say in checks:
+        if bool(bad.any()):
+            c, k = (int(i) for i in bad.nonzero()[0])
+            return f"class {c}, component {k}: {say(c, k)}"
+    return None
+
+
+def _largest(values: torch.Tensor) -> float:
+    """The entry of largest magnitude, with its sign."""
+    flat = values.flatten()
+    return float(flat[flat.abs().argmax()])
+
+
 def _gaussian(count: torch.Tensor, total: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance from a count, a sum and a sum of second moments (any leading dims)."""
     n = count.clamp(min=1.0)
@@ -222,7 +301,7 @@ class CVAE(Generator):
     def _encode(self, x: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         planes = onehot[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         h = self.encoder(torch.cat([x, planes], dim=1))
-        return self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
+        return self.mu(h), self.logvar(h).clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         onehot = F.one_hot(labels, self.num_classes).to(x.dtype)
