@@ -130,7 +130,7 @@ class ClientRuntime:
         heartbeat = threading.Thread(target=self._heartbeats, args=(reg,), name="gefl-heartbeat", daemon=True)
         heartbeat.start()
         try:
-            cfg, split, algorithm, num_classes = self._prepare(reg, images.shape[1])
+            cfg, split, algorithm, num_classes = self._prepare(reg, images, labels, classes)
             while True:
                 try:
                     task = self._retrying("fetch task", lambda: self.transport.fetch_task(opts.poll_s))
@@ -169,19 +169,19 @@ class ClientRuntime:
                  f"federation {reg.federation!r}: tier {reg.tier} ({reg.tier_reason})")
         return reg
 
-    def _prepare(self, reg: Registration, channels: int) -> tuple:
+    def _prepare(self, reg: Registration, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple:
         import torch
 
         from gefl.algorithms import make_algorithm
         from gefl.config import config_from_dict
         from gefl.data import dataset_classes
-        from gefl.image_folder import load_client_split
+        from gefl.image_folder import client_split
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         cfg = config_from_dict(yaml.safe_load(reg.config_yaml))
         num_classes = len(dataset_classes(cfg.dataset))
-        split = load_client_split(self.options.data_dir, num_classes, channels)
+        split = client_split(images, labels, classes, num_classes, self.options.data_dir)
         return cfg, split, make_algorithm(cfg), num_classes
 
     def _heartbeats(self, reg: Registration) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from gefl.export.metadata import INPUT_NAME, ModelInfo
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gefl.errors import GeflError
+from gefl.image_folder import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 BATCH_SIZE = 64
@@ -98,14 +99,9 @@ class Classifier:
 
 
 def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise GeflError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise GeflError(f"{path} is not an image pillow can read ({exc})") from None
+    """The image at `path`, read as a client's training images are (gefl.image_folder.open_image):
+    only image formats, a size cap before decoding, any decoder failure as an error naming the file."""
+    return open_image(path)
 
 
 def collect_images(target: str | Path) -> list[Path]:

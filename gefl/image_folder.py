@@ -302,30 +302,34 @@ def _once(root: Path, classes: list[str], samples: list[tuple[str, int, FileKey]
     return kept
 
 
-def _open_image(file: Path, key: FileKey, channels: int | None) -> tuple[Image.Image, bool]:
-    """`file` decoded and converted to `channels` (see `read_image_folder`), and whether it was
-    grayscale; anything pillow cannot decode, or an image larger than MAX_IMAGE_PIXELS, is
-    refused by name.
+def open_image(file: str | Path, key: FileKey | None = None) -> Image.Image:
+    """`file` decoded (in its own mode), or a GeflError naming it: for every image that comes from
+    elsewhere (a client's data directory, an image given to `gefl infer`).
 
-    The file is opened without blocking and checked to be the regular file the scan found (a
-    FIFO put in its place meanwhile would hang the read). Only the formats of IMAGE_SUFFIXES
-    are tried: pillow would otherwise try every plugin it has on a file, EPS among them, whose
-    reader runs Ghostscript. The size is checked from the header, before any pixel is decoded:
-    a few-KB PNG can declare 50,000 x 50,000 pixels, and pillow's own limit (MAX_IMAGE_PIXELS,
-    89 Mpixels, and only a warning below twice that) is sized for photos, not for a board with
-    1 GB. Decoders raise many kinds of exception on hostile bytes (OSError, SyntaxError,
-    struct.error, IndexError, ...), so any exception while decoding this one file is reported
-    as the file being unreadable.
+    The file is opened without blocking and must be a regular file (a FIFO would hang the read),
+    and the one a directory scan found when `key` (its st_dev, st_ino) is given. Only the formats
+    of IMAGE_SUFFIXES are tried: pillow would otherwise try every plugin it has on a file, EPS among
+    them, whose reader runs Ghostscript. The size is checked from the header, before any pixel is
+    decoded: a few-KB PNG can declare 50,000 x 50,000 pixels, and pillow's own limit
+    (MAX_IMAGE_PIXELS, 89 Mpixels, and only a warning below twice that) is sized for photos, not
+    for a board with 1 GB. Decoders raise many kinds of exception on hostile bytes (OSError,
+    SyntaxError, struct.error, IndexError, ...), so any exception while decoding this one file is
+    reported as the file being unreadable.
     """
+    file = Path(file)
     try:
         fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise GeflError(f"image {file} does not exist") from None
     except OSError as exc:
         raise GeflError(f"{file} cannot be opened ({exc.strerror}); check its permissions or delete it") from None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key:
+        if key is not None and (not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key):
             raise GeflError(f"{file} changed while the data directory was read; read it again when nothing is "
                             "writing to it")
+        if not stat.S_ISREG(st.st_mode):
+            raise GeflError(f"{file} is not a regular file (a directory, FIFO or device); give an image file")
         try:
             with Image.open(fh, formats=_pillow_formats()) as image:
                 width, height = image.size
@@ -334,14 +338,21 @@ def _open_image(file: Path, key: FileKey, channels: int | None) -> tuple[Image.I
                                     "an image may have here (training resizes every image to 32x32); resize it "
                                     "(a decompression bomb declares a huge size in a small file)")
                 image.load()
-                gray = image.mode in _GRAYSCALE_MODES
-                target = {1: "L", 3: "RGB", None: "L" if gray else "RGB"}[channels]
-                return image.convert(target), gray
+                return image.copy()
         except GeflError:
             raise
         except Exception as exc:  # see the docstring: hostile bytes raise anything
             reason = str(exc) or type(exc).__name__
             raise GeflError(f"{file} is not an image pillow can read ({reason}); replace or delete it") from None
+
+
+def _open_image(file: Path, key: FileKey, channels: int | None) -> tuple[Image.Image, bool]:
+    """`file` (see `open_image`) converted to `channels` (see `read_image_folder`), and whether it
+    was grayscale."""
+    image = open_image(file, key)
+    gray = image.mode in _GRAYSCALE_MODES
+    target = {1: "L", 3: "RGB", None: "L" if gray else "RGB"}[channels]
+    return image.convert(target), gray
 
 
 def _pillow_formats() -> list[str]:
@@ -410,15 +421,20 @@ def read_image_folder(path: str | Path, channels: int | None = None) -> tuple[np
 
 
 def load_client_split(path: str | Path, num_classes: int, channels: int) -> Split:
-    """A client's image folder as training tensors: float32 (N, C, 32, 32) in [-1, 1] and int64 labels.
+    """A client's image folder as training tensors: float32 (N, C, 32, 32) in [-1, 1] and int64 labels."""
+    images, labels, classes = read_image_folder(path, channels)
+    return client_split(images, labels, classes, num_classes, path)
 
-    The number of class folders must match the federation's dataset, or labels would mean other classes.
-    """
+
+def client_split(images: np.ndarray, labels: np.ndarray, classes: list[str], num_classes: int,
+                 path: str | Path) -> Split:
+    """What `read_image_folder` returned, as training tensors (the client reads its folder once, so
+    what it registered with is what it trains on). The number of class folders must match the
+    federation's dataset, or labels would mean other classes."""
     import torch
 
     from gefl.data import Split, to_tensor
 
-    images, labels, classes = read_image_folder(path, channels)
     if len(classes) != num_classes:
         raise GeflError(
             f"{path} has {len(classes)} class folders, but the federation's dataset has {num_classes} classes: "
