@@ -73,7 +73,9 @@ class TrainingLogic:
         policy = Policy(deadline_s=self.cfg.network.round_timeout,
                         samples_per_round=request.num_samples * self.cfg.train.local_epochs,
                         memory_fraction=self._memory_fraction)
-        choice = select_tier(self.tiers, memory / 2**20, speed, policy, self._catalogue)
+        # The client's probe says whether its torch can use a GPU; that decides which build's memory it pays.
+        choice = select_tier(self.tiers, memory / 2**20, speed, policy, self._catalogue,
+                             cuda=bool(request.profile.get("cuda")))
         return choice.tier, choice.reason
 
     def begin_round(self, info: RoundInfo) -> None:

@@ -235,8 +235,9 @@ def _probe(args: argparse.Namespace) -> int:
     else:
         # The opt-in tiers (torchvision backbones) only when asked for, as a federation offers them.
         candidates = args.tiers.split(",") if args.tiers else [t for t, c in catalogue.tiers.items() if not c.opt_in]
+        # profile.cuda: the GPU this device's torch trains on (None: none, so a CPU-only build's memory figures).
         choice = select_tier(candidates, profile.memory_available_bytes / 2**20, profile.train_samples_per_s,
-                             policy, catalogue)
+                             policy, catalogue, cuda=profile.cuda is not None)
         tier, reason = choice.tier, choice.reason
     if args.json:
         print(json.dumps({**profile.to_dict(), "tier": tier, "reason": reason}, indent=2))

@@ -61,7 +61,7 @@ class DeviceSimulation:
         self.clients: list[SimulatedClient] = []
         for profile in profiles:
             choice = select_tier(candidates, profile.memory_available_mb, profile.train_samples_per_s, self.policy,
-                                 self.catalogue, profile.bandwidth_mbps)
+                                 self.catalogue, profile.bandwidth_mbps, cuda=profile.cuda)
             self.clients.append(SimulatedClient(profile, choice.tier, choice.reason))
         self.generator_mflops: float | None = None
         self._stats: dict[str, _ClassStats] = {}

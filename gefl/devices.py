@@ -10,6 +10,11 @@ Round time is estimated from the tier catalogue (configs/tiers.yaml, written by
 benchmarks/tiers.py): a device's measured throughput on the reference tier is scaled by the
 ratio of training FLOPs. The same arithmetic drives the simulated clock of
 `gefl simulate --devices`, so what the policy promises is what the simulation charges.
+
+Memory depends on which torch build the device runs, so the catalogue measures both: a device
+with CUDA runs a CUDA build (which maps hundreds of MB of CUDA libraries before any model), one
+without runs the CPU-only build (every Raspberry Pi: PyPI's aarch64 torch is CPU-only). Charging
+a Pi the CUDA build's figures overstated its need by some 470 MB, nearly all a Pi Zero 2 W has.
 """
 
 from __future__ import annotations
@@ -35,18 +40,28 @@ class TierCost:
     params: int
     train_mflops_per_sample: float
     train_memory_mb: float
+    """What training adds on top of the runtime, with the CUDA build of torch."""
     opt_in: bool = False
     train_samples_per_s: float | None = None
     """Measured on the catalogue's machine; ratios of these predict speed better than FLOPs, since
     small tiers are bound by per-layer overhead rather than arithmetic."""
+    train_memory_mb_cpu: float | None = None
+    """The same with the CPU-only build; None where it could not be measured (the torchvision tiers: the
+    CPU venv has no torchvision), and then train_memory_mb stands in: what a tier adds (tensors,
+    gradients, optimizer state) is the same in both builds to within a few tenths of a MB."""
+
+    def memory_mb(self, cuda: bool) -> float:
+        return self.train_memory_mb if cuda or self.train_memory_mb_cpu is None else self.train_memory_mb_cpu
 
 
 @dataclass(frozen=True)
 class Catalogue:
     reference_tier: str
     runtime_memory_mb: float
-    """Memory of a process with torch loaded, before any model: every tier pays it."""
+    """Memory of a process with the CUDA build of torch loaded, before any model: every tier pays it."""
     tiers: dict[str, TierCost]
+    runtime_memory_mb_cpu: float | None = None
+    """The same with the CPU-only build (None: unknown, and the CUDA figure, the larger, stands in)."""
 
     def cost(self, tier: str) -> TierCost:
         if tier not in self.tiers:
@@ -62,8 +77,21 @@ class Catalogue:
             return reference_samples_per_s * cost.train_samples_per_s / ref.train_samples_per_s
         return reference_samples_per_s * ref.train_mflops_per_sample / cost.train_mflops_per_sample
 
-    def memory_mb(self, tier: str) -> float:
-        return self.runtime_memory_mb + self.cost(tier).train_memory_mb
+    def runtime_mb(self, cuda: bool) -> float:
+        if cuda or self.runtime_memory_mb_cpu is None:
+            return self.runtime_memory_mb
+        return self.runtime_memory_mb_cpu
+
+    def memory_mb(self, tier: str, cuda: bool) -> float:
+        """What training `tier` takes on a device with (`cuda`) or without CUDA: a device with CUDA runs
+        the CUDA build of torch, one without the CPU-only build, and the two builds' runtimes differ by
+        hundreds of MB."""
+        return self.runtime_mb(cuda) + self.cost(tier).memory_mb(cuda)
+
+
+def build_name(cuda: bool) -> str:
+    """How the reasons name the figures used, so a refusal says which torch it assumed."""
+    return "CUDA build of torch" if cuda else "CPU-only build of torch"
 
 
 def _read_yaml(path: Path, what: str) -> dict:
@@ -78,19 +106,33 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+_REGENERATE = ("regenerate it with `python benchmarks/tiers.py --python CPU-VENV/bin/python`, where CPU-VENV is a "
+               "virtualenv with the CPU-only torch (pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+
+
 def load_catalogue(path: str | Path = CATALOGUE_PATH) -> Catalogue:
     data = _read_yaml(Path(path), "tier catalogue")
+    # An explicit check: a catalogue from before the CPU-build columns would otherwise fail as a bare KeyError.
+    missing = [key for key in ("runtime_memory_mb", "runtime_memory_mb_cpu") if key not in data]
+    rows = data.get("tiers")
+    if isinstance(rows, dict):
+        missing += [f"{name}.train_memory_mb_cpu" for name, row in rows.items()
+                    if isinstance(row, dict) and "train_memory_mb_cpu" not in row]
+    if missing:
+        raise GeflError(f"tier catalogue {path} lacks {', '.join(missing)} (the CPU-only torch build's memory "
+                        f"figures, which boards without CUDA are charged); {_REGENERATE}")
     try:
         tiers = {
             name: TierCost(name, int(row["params"]), float(row["train_mflops_per_sample"]),
                            float(row["train_memory_mb"]), bool(row.get("opt_in", False)),
-                           float(row["train_samples_per_s"]) if row.get("train_samples_per_s") else None)
+                           float(row["train_samples_per_s"]) if row.get("train_samples_per_s") else None,
+                           None if row["train_memory_mb_cpu"] is None else float(row["train_memory_mb_cpu"]))
             for name, row in data["tiers"].items()
         }
-        catalogue = Catalogue(str(data["reference_tier"]), float(data["runtime_memory_mb"]), tiers)
+        catalogue = Catalogue(str(data["reference_tier"]), float(data["runtime_memory_mb"]), tiers,
+                              float(data["runtime_memory_mb_cpu"]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise GeflError(f"tier catalogue {path} is malformed ({type(exc).__name__}: {exc}); regenerate it with "
-                        "`python benchmarks/tiers.py`") from None
+        raise GeflError(f"tier catalogue {path} is malformed ({type(exc).__name__}: {exc}); {_REGENERATE}") from None
     catalogue.cost(catalogue.reference_tier)
     return catalogue
 
@@ -107,6 +149,7 @@ class DeviceProfile:
     cores: int = 1
     memory_total_mb: float | None = None
     cuda: bool = False
+    """Whether it trains with a CUDA build of torch; the policy charges it that build's memory figures."""
     expected_tier: str | None = None
     """The tier the policy should pick under the devices file's policy section (checked by the tests)."""
 
@@ -192,15 +235,21 @@ def select_tier(
     policy: Policy,
     catalogue: Catalogue,
     bandwidth_mbps: float | None = None,
+    *,
+    cuda: bool,
 ) -> Choice:
-    """The largest candidate that fits in memory and meets the deadline, with the reason why."""
+    """The largest candidate that fits in memory and meets the deadline, with the reason why.
+
+    `cuda` (the device has CUDA, so runs a CUDA build of torch) picks the catalogue's memory figures;
+    it has no default because guessing wrong either refuses a board every tier or overcommits it.
+    """
     if not candidates:
         raise GeflError("no candidate tiers to choose from")
     budget = policy.memory_fraction * memory_available_mb
     by_size = sorted(candidates, key=lambda t: -catalogue.cost(t).params)
     fitting, rejected = [], []
     for tier in by_size:
-        need = catalogue.memory_mb(tier)
+        need = catalogue.memory_mb(tier, cuda)
         # Weights travel both ways as float32 every round.
         seconds = estimate_round_s(catalogue, tier, reference_samples_per_s, policy.samples_per_round,
                                    2 * 4 * catalogue.cost(tier).params, bandwidth_mbps)
@@ -210,13 +259,14 @@ def select_tier(
             continue
         fitting.append((tier, need, seconds))
         if policy.deadline_s is None or seconds <= policy.deadline_s:
-            return Choice(tier, _explain(tier, need, budget, seconds, policy, rejected), seconds, need, True)
+            return Choice(tier, _explain(tier, need, budget, seconds, policy, rejected, cuda), seconds, need, True)
         rejected.append((tier, f"{tier} would need {seconds:.1f} s > {policy.deadline_s:g} s deadline"))
     if not fitting:
-        smallest = min(candidates, key=lambda t: catalogue.memory_mb(t))
+        smallest = min(candidates, key=lambda t: catalogue.memory_mb(t, cuda))
         raise GeflError(f"no tier fits this device's memory: the smallest, {smallest}, would need "
-                        f"{catalogue.memory_mb(smallest):,.0f} MB but training may use {budget:,.0f} MB "
-                        f"({100 * policy.memory_fraction:.0f}% of {memory_available_mb:,.0f} MB available)")
+                        f"{catalogue.memory_mb(smallest, cuda):,.0f} MB but training may use {budget:,.0f} MB "
+                        f"({100 * policy.memory_fraction:.0f}% of {memory_available_mb:,.0f} MB available; "
+                        f"figures for the {build_name(cuda)})")
     tier, need, seconds = min(fitting, key=lambda f: f[2])
     reason = (f"no tier meets the {policy.deadline_s:g} s deadline; {tier} is the fastest that fits in memory "
               f"(about {seconds:.1f} s per round): expect this device to straggle")
@@ -224,9 +274,10 @@ def select_tier(
 
 
 def _explain(tier: str, need: float, budget: float, seconds: float, policy: Policy,
-             rejected: list[tuple[str, str]]) -> str:
+             rejected: list[tuple[str, str]], cuda: bool) -> str:
     deadline = f"within the {policy.deadline_s:g} s deadline" if policy.deadline_s is not None else "no deadline"
-    text = f"{tier}: needs {need:,.0f} MB of {budget:,.0f} MB allowed, about {seconds:.1f} s per round ({deadline})"
+    text = (f"{tier}: needs {need:,.0f} MB of {budget:,.0f} MB allowed ({build_name(cuda)}), "
+            f"about {seconds:.1f} s per round ({deadline})")
     if rejected:
         text += f"; {rejected[-1][1]}"
     return text

@@ -27,33 +27,49 @@ from gefl.models import PAPER_TIERS
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A small catalogue with round numbers, so every expectation below can be checked by hand.
-TOY = Catalogue("small", runtime_memory_mb=100.0, tiers={
-    "small": TierCost("small", 1_000, 1.0, 10.0),
-    "medium": TierCost("medium", 10_000, 2.0, 50.0),
-    "large": TierCost("large", 100_000, 5.0, 400.0),
+# A small catalogue with round numbers, so every expectation below can be checked by hand: the CUDA build's
+# figures (runtime 100 MB) first, the CPU-only build's (runtime 40 MB) last.
+TOY = Catalogue("small", runtime_memory_mb=100.0, runtime_memory_mb_cpu=40.0, tiers={
+    "small": TierCost("small", 1_000, 1.0, 10.0, train_memory_mb_cpu=10.0),
+    "medium": TierCost("medium", 10_000, 2.0, 50.0, train_memory_mb_cpu=45.0),
+    "large": TierCost("large", 100_000, 5.0, 400.0, train_memory_mb_cpu=None),  # unmeasured: the CUDA figure
 })
 
 
 def test_policy_picks_the_largest_tier_that_fits_and_names_the_runner_up():
     # 1000 samples at 100 samples/s on the reference tier: small 10 s, medium 20 s, large 50 s.
     policy = Policy(deadline_s=25, samples_per_round=1000)
-    choice = select_tier(["small", "medium", "large"], 2000, 100, policy, TOY)
+    choice = select_tier(["small", "medium", "large"], 2000, 100, policy, TOY, cuda=True)
     assert choice.tier == "medium" and choice.meets_deadline
     assert choice.round_time_s == pytest.approx(20.0)
     assert "large would need 50.0 s > 25 s deadline" in choice.reason
     # Without a deadline, memory alone decides: large needs 500 MB of the 1000 MB allowed.
-    assert select_tier(["small", "medium", "large"], 2000, 100, Policy(None, 1000), TOY).tier == "large"
+    assert select_tier(["small", "medium", "large"], 2000, 100, Policy(None, 1000), TOY, cuda=True).tier == "large"
     # Memory: 700 MB available, half of it allowed: large (500 MB) is refused, with the figures.
-    choice = select_tier(["small", "medium", "large"], 700, 1000, Policy(None, 1000), TOY)
+    choice = select_tier(["small", "medium", "large"], 700, 1000, Policy(None, 1000), TOY, cuda=True)
     assert choice.tier == "medium" and "large would need 500 MB > 350 MB (50% of 700 MB available)" in choice.reason
+    assert "CUDA build of torch" in choice.reason
 
 
 def test_policy_when_nothing_meets_the_deadline_or_fits_in_memory():
-    slow = select_tier(["small", "medium", "large"], 2000, 10, Policy(deadline_s=25, samples_per_round=1000), TOY)
+    slow = select_tier(["small", "medium", "large"], 2000, 10, Policy(deadline_s=25, samples_per_round=1000), TOY,
+                       cuda=True)
     assert slow.tier == "small" and not slow.meets_deadline and "straggle" in slow.reason
     with pytest.raises(GeflError, match="no tier fits this device's memory: the smallest, small, would need 110 MB"):
-        select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000), TOY)
+        select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000), TOY, cuda=True)
+
+
+def test_a_device_without_cuda_is_charged_the_cpu_builds_figures():
+    assert TOY.memory_mb("small", cuda=True) == 110.0 and TOY.memory_mb("small", cuda=False) == 50.0
+    assert TOY.memory_mb("medium", cuda=False) == 85.0
+    # A tier the CPU build could not measure is charged the CUDA build's training figure on the CPU runtime.
+    assert TOY.memory_mb("large", cuda=False) == 440.0
+    # 200 MB available, 100 MB allowed: the CUDA figures fit nothing, the CPU figures fit medium (85 MB).
+    with pytest.raises(GeflError, match="would need 110 MB .*figures for the CUDA build of torch"):
+        select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000), TOY, cuda=True)
+    choice = select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000), TOY, cuda=False)
+    assert choice.tier == "medium" and choice.memory_mb == 85.0 and "CPU-only build of torch" in choice.reason
+    assert "large would need 440 MB > 100 MB" in choice.reason
 
 
 def test_the_catalogue_has_every_paper_tier():
@@ -70,11 +86,54 @@ def test_every_device_profile_gets_its_documented_tier():
         if profile.expected_tier is None:
             with pytest.raises(GeflError, match="no tier fits this device's memory"):
                 select_tier(list(catalogue.tiers), profile.memory_available_mb, profile.train_samples_per_s, policy,
-                            catalogue, profile.bandwidth_mbps)
+                            catalogue, profile.bandwidth_mbps, cuda=profile.cuda)
             continue
         choice = select_tier(list(catalogue.tiers), profile.memory_available_mb, profile.train_samples_per_s, policy,
-                             catalogue, profile.bandwidth_mbps)
+                             catalogue, profile.bandwidth_mbps, cuda=profile.cuda)
         assert choice.tier == profile.expected_tier, (name, choice.reason)
+
+
+def test_the_pi_zero_2w_is_judged_by_the_cpu_build_it_runs():
+    """A Pi only ever runs the CPU-only torch (PyPI's aarch64 wheel): its figures, not the CUDA build's."""
+    profiles, policy = load_profiles(DEVICES_PATH)
+    catalogue = load_catalogue()
+    zero = profiles["rpi-zero-2w"]
+    assert not zero.cuda and zero.memory_total_mb == 512
+    smallest = min(catalogue.tiers, key=lambda t: catalogue.memory_mb(t, cuda=False))
+    cpu_need, cuda_need = catalogue.memory_mb(smallest, cuda=False), catalogue.memory_mb(smallest, cuda=True)
+    # The CUDA build's runtime alone exceeds all of the Zero's available memory; the CPU build's fits in it.
+    assert catalogue.runtime_memory_mb_cpu < catalogue.runtime_memory_mb
+    assert cuda_need > zero.memory_available_mb > cpu_need
+    whole = Policy(policy.deadline_s, policy.samples_per_round, memory_fraction=1.0)
+
+    def choose(cuda: bool, p: Policy = whole):
+        return select_tier(list(catalogue.tiers), zero.memory_available_mb, zero.train_samples_per_s, p, catalogue,
+                           zero.bandwidth_mbps, cuda=cuda)
+
+    with pytest.raises(GeflError, match="no tier fits this device's memory"):
+        choose(cuda=True)
+    choice = choose(cuda=False)  # allowed all of its available memory, the CPU figures give it a tier
+    assert choice.tier in catalogue.tiers and choice.memory_mb <= zero.memory_available_mb
+    # Under the shipped policy (half of the available memory) the CPU figures still refuse it: the
+    # devices file documents no tier for it, and says why.
+    assert zero.expected_tier is None and cpu_need > policy.memory_fraction * zero.memory_available_mb
+    with pytest.raises(GeflError, match=f"would need {cpu_need:,.0f} MB .*CPU-only build of torch"):
+        choose(cuda=False, p=policy)
+
+
+def test_a_catalogue_without_the_cpu_build_columns_says_how_to_regenerate_it(tmp_path):
+    data = yaml.safe_load((REPO / "configs" / "tiers.yaml").read_text())
+    old = {k: v for k, v in data.items() if k != "runtime_memory_mb_cpu"}
+    old["tiers"] = {t: {k: v for k, v in row.items() if k != "train_memory_mb_cpu"} for t, row in data["tiers"].items()}
+    path = tmp_path / "tiers.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(GeflError, match=r"lacks runtime_memory_mb_cpu, cnn2.train_memory_mb_cpu.*"
+                                        r"benchmarks/tiers.py --python CPU-VENV/bin/python"):
+        load_catalogue(path)
+    data["tiers"]["cnn3"]["train_memory_mb_cpu"] = "lots"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(GeflError, match="malformed .*regenerate it"):
+        load_catalogue(path)
 
 
 def test_devices_files_are_checked(tmp_path):
