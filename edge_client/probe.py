@@ -296,11 +296,12 @@ def _time_steps(seconds: float, batch_size: int) -> float:
     from torch.nn import functional as F
 
     from gefl.models import get_model
+    from gefl.optim import SGD
 
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(0)
         model = get_model(REFERENCE_TIER).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+        optimizer = SGD(model.parameters(), lr=0.01, momentum=0.5)  # torch.optim would import the compiler
         batches = [(torch.randn(batch_size, 1, 32, 32), torch.randint(0, 10, (batch_size,))) for _ in range(4)]
 
         def step(i: int) -> None:

@@ -21,6 +21,7 @@ from gefl.federation import Phase, RoundInfo
 from gefl.generators import FEATURE, IMAGE, STATS_PREFIX, Generator, build_generator
 from gefl.generators.cvae import statistics_problem
 from gefl.models import FE_CHANNELS, TierNet, get_model
+from gefl.optim import Adam
 from gefl.training import (
     distil,
     extract_features,
@@ -354,7 +355,7 @@ class GeneratorAlgorithm(LGFedAvg):
     def _train_generator(self, task: ClientTask, generator: Generator, x: torch.Tensor, labels: torch.Tensor,
                          rng: torch.Generator) -> ClientResult:
         g = self.cfg.gefl.generator
-        opt = torch.optim.Adam(generator.parameters(), lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay)
+        opt = Adam(generator.parameters(), lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay)
         loss = train_generator(generator, x, labels, g.local_epochs, self.cfg.train.batch_size, opt, rng)
         return ClientResult(task.client_id, task.tier, task.phase, self.encode_generator(generator.state_dict()),
                             len(labels), loss)

@@ -13,10 +13,11 @@ from torch import nn
 
 from gefl.config import TrainConfig
 from gefl.generators import Generator
+from gefl.optim import SGD, Adam
 
 
-def sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def sgd(module: nn.Module, cfg: TrainConfig) -> SGD:
+    return SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _batches(n: int, batch_size: int, rng: torch.Generator) -> list[torch.Tensor]:
@@ -95,7 +96,7 @@ def train_generator(
     labels: torch.Tensor,
     epochs: int,
     batch_size: int,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Adam,
     rng: torch.Generator,
 ) -> float:
     """Epochs of the generator's own training steps on real data (images, or frozen-FE features),
@@ -137,7 +138,7 @@ def distil(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, step
     student's tempered softmax, one random batch of the unlabelled inputs per step. Returns the
     mean loss."""
     student.train()
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    opt = Adam(student.parameters(), lr=lr)
     total = 0.0
     for _ in range(steps):
         idx = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=rng)

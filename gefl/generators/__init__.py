@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gefl.errors import GeflError, unknown_name
+from gefl.optim import Adam
 
 IMAGE, FEATURE = "image", "feature"
 STATS_PREFIX = "stats."
@@ -40,7 +41,7 @@ class Generator(nn.Module):
         """The training objective on a batch, for families with a single one."""
         raise NotImplementedError
 
-    def train_step(self, x: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    def train_step(self, x: torch.Tensor, labels: torch.Tensor, optimizer: Adam) -> float:
         """One optimisation step on a batch of real data; returns the loss. Adversarial families
         override this (two objectives, one optimizer over both networks)."""
         loss = self.loss(x, labels)

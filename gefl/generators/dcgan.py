@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gefl.generators import FEATURE, IMAGE, Generator, register_generator
+from gefl.optim import Adam
 
 
 def _init(module: nn.Module) -> None:
@@ -92,7 +93,7 @@ class DCGAN(Generator):
         planes = F.one_hot(labels, self.num_classes).to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         return self.d_body(torch.cat([self.d_data(x), self.d_label(planes)], dim=1)).flatten()
 
-    def train_step(self, x: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    def train_step(self, x: torch.Tensor, labels: torch.Tensor, optimizer: Adam) -> float:
         """One discriminator step (real vs generated), then one non-saturating generator step."""
         real = torch.ones(x.shape[0], device=x.device)
         fake_labels = torch.randint(self.num_classes, labels.shape, device=x.device)
