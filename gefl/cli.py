@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--samples-per-round", type=int, metavar="N",
                      help="local samples x local epochs per round (default 3000)")
     prb.add_argument("--memory-fraction", type=float, metavar="F",
-                     help="share of available memory training may use (default 0.5)")
+                     help="share of available memory training may use (default 0.8)")
     prb.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake device tree, for tests
     prb.set_defaults(func=_probe)
 
