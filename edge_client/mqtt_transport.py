@@ -5,13 +5,16 @@ topic (at once, after a late start or a reconnection) and the artifacts as retai
 addressed by their sha256. Requests go out as messages and their answers come back on the
 client's reply topic. A broker that is away is `Unavailable` (the runtime backs off and retries);
 an upload resent after a reconnection is counted once by the aggregator, which answers "already
-counted". Torch-free.
+counted". Tasks and replies are believed only when sealed by the aggregator, chunks only when
+their sha256 is the one the task lists (gefl/mqtt.py says how), and the last will is MAC'd with
+the token, so that the client reconnects once after its first registration to set it. Torch-free.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 import secrets
 import threading
 import time
@@ -38,6 +41,14 @@ REPLY_TIMEOUT_S = 30.0
 """How long a registration or an upload's verdict may take before the request is sent again."""
 TRANSFER_TIMEOUT_S = 600.0
 DISCOVERY_S = 1.0
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+KEEP_HASHES = 64
+"""Chunk hash lists kept (per artifact sha256) from recent tasks, for downloads still under way."""
+MISSING_AFTER_S = 5.0
+"""A download still missing chunks this long after it began names them in the heartbeats, and the
+aggregator publishes them again: a retained chunk may be lost with a broker, or replaced by anyone
+a broker without an ACL lets publish there (the client drops such a chunk, and would wait forever)."""
+MISSING_LIMIT = 64
 
 
 def _task_of(message: dict) -> tuple[str, TaskInfo]:
@@ -59,14 +70,37 @@ def _task_of(message: dict) -> tuple[str, TaskInfo]:
         float(m.field(message, "deadline_s", (int, float), what)))
 
 
+def _chunk_hashes_of(message: dict, task: TaskInfo) -> dict[str, list[str]]:
+    """Artifact sha256 -> the sha256 of each of its chunks, as the task lists them: one per chunk."""
+    hashes: dict[str, list[str]] = {}
+    for entry, ref in zip(message.get("artifacts", []), task.artifacts, strict=True):
+        listed = entry.get("chunks")
+        count = max(1, math.ceil(ref.size / CHUNK_BYTES))
+        if (not isinstance(listed, list) or len(listed) != count
+                or not all(isinstance(h, str) and _HASH.match(h) for h in listed)):
+            raise m.Malformed(f"task: artifact {ref.name!r} must list the sha256 of each of its {count} chunk(s)")
+        hashes[ref.sha256] = listed
+    return hashes
+
+
 class _Download:
-    def __init__(self, ref: ArtifactRef) -> None:
+    def __init__(self, ref: ArtifactRef, hashes: list[str]) -> None:
         self.ref = ref
         self.count = max(1, math.ceil(ref.size / CHUNK_BYTES))
+        self.hashes = hashes
         self.parts: dict[int, bytes] = {}
+        self.started = time.monotonic()
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if i not in self.parts][:MISSING_LIMIT]
 
 
 class MqttClientTransport:
+    """The client end. Everything it receives is checked before it acts on it: tasks and replies must
+    be sealed by the aggregator (gefl/mqtt.py says with which key), artifact chunks must match the
+    hashes their sealed task lists, and a malformed or unauthenticated message is dropped with a log
+    line, so nothing another broker user publishes can make it stop, stall or train on other data."""
+
     def __init__(self, url: m.BrokerUrl, enrol_token: str, auth: m.MqttAuth,
                  say: Callable[[str], None] = print) -> None:
         self.url, self.auth, self.say = url, auth, say
@@ -76,16 +110,26 @@ class MqttClientTransport:
         self.name = ""
         self.topics: m.Topics | None = None
         self.connection: m.Connection | None = None
+        self.session = ""
+        """This connection's session id: its last will names it, its heartbeats announce it."""
+        self._next_session = ""
+        self._will_token = ""
+        """The token the last will of the connection is MAC'd with ("" before there is one: no will)."""
         self._cond = threading.Condition()
         self._task: tuple[str, TaskInfo] | None = None
+        self._task_order: tuple[str, int] | None = None  # (aggregator session, serial) of the task held
+        self._retired: set[str] = set()  # aggregator sessions a newer one replaced
+        self._pending_task: bytes | None = None  # the latest task the token held could not verify
+        self._chunk_hashes: dict[str, list[str]] = {}
         self._taken: str | None = None
         self._replies: list[dict] = []
         self._downloads: dict[str, _Download] = {}
         self._unauthenticated = False
         self._finished = False
+        self._drop_log = m.LogLimiter(say)
 
     # ------------------------------------------------------------------ connection
-    def _connect(self, name: str) -> m.Connection:
+    def _connect(self, name: str, credential: str = "") -> m.Connection:
         if self.connection is not None:
             if name != self.name:
                 raise GeflError(f"this transport is {self.name}'s; it cannot register {name}")
@@ -94,19 +138,31 @@ class MqttClientTransport:
         federation = self.url.federation or self._discover()
         self.topics = m.Topics(federation)
         self.address = str(m.BrokerUrl(self.url.host, self.url.port, self.url.tls, federation))
-        offline = (self.topics.client(name, "status"), m.encode_json({"status": "offline"}), False)
+        # A kept credential is most likely the token the registration will confirm: the first
+        # connection's will is MAC'd with it, and no reconnection is needed after registering.
+        self._will_token = credential
         self.connection = m.Connection(self.url, f"gefl-{federation}-{name}", self.auth, on_message=self._on_message,
-                                       on_connect=self._on_connect, will=offline, say=self.say)
+                                       on_connect=self._on_connect, will=self._will, say=self.say)
         self.connection.start()
         return self.connection
+
+    def _will(self) -> m.Will | None:
+        """The next connection's last will: "offline" for a fresh session, MAC'd with the token (none
+        before there is a token), so that only this client's own vanishing takes it offline."""
+        self._next_session = m.new_session()
+        if not self._will_token or self.topics is None:
+            return None
+        return (self.topics.client(self.name, "status"),
+                m.offline_message(m.key_of(self._will_token), self._next_session, self.name), False)
 
     def _discover(self) -> str:
         """The federation an aggregator announces on this broker, when the URL does not name one."""
         found: dict[str, str] = {}
 
         def seen(message) -> None:
-            with contextlib.suppress(m.Malformed):
-                found[message.topic.split("/")[1]] = m.decode_json(message.payload, "status").get("status", "")
+            with contextlib.suppress(Exception):  # anything malformed is simply not an announcement
+                status = m.decode_json(message.payload, "status").get("status", "")
+                found[message.topic.split("/")[1]] = status if isinstance(status, str) else ""
 
         probe = m.Connection(self.url, f"gefl-discover-{secrets.token_hex(4)}", self.auth, on_message=seen,
                              on_connect=lambda: probe.subscribe("gefl/+/aggregator/status"), say=self.say)
@@ -128,34 +184,87 @@ class MqttClientTransport:
 
     def _on_connect(self) -> None:
         assert self.connection is not None and self.topics is not None
+        self.session = self._next_session
         t = self.topics
         self.connection.subscribe(t.client(self.name, "task"), t.client(self.name, "reply"),
                                   *(t.chunks(sha) for sha in self._downloads))
 
+    def _drop(self, topic: str, why: str) -> None:
+        self._drop_log(topic, f"mqtt: dropped a message on {topic}: {why}")
+
     def _on_message(self, message) -> None:
         t = self.topics
         assert t is not None
+        topic = message.topic
         try:
-            if message.topic == t.client(self.name, "task"):
-                task_id, task = _task_of(m.decode_json(message.payload, "task"))
-                with self._cond:
-                    self._task = (task_id, task)
-                    self._finished = self._finished or task.status == FINISHED
-                    self._cond.notify_all()
-            elif message.topic == t.client(self.name, "reply"):
-                reply = m.decode_json(message.payload, "reply")
-                with self._cond:
-                    forgotten = reply.get("code") == "UNAUTHENTICATED" and "request_id" not in reply
-                    self._unauthenticated = self._unauthenticated or forgotten
-                    self._replies.append(reply)
-                    del self._replies[:-64]
-                    self._cond.notify_all()
+            if topic == t.client(self.name, "task"):
+                self._on_task(topic, bytes(message.payload))
+            elif topic == t.client(self.name, "reply"):
+                self._on_reply(topic, bytes(message.payload))
+            elif topic.startswith(f"{t.root}/artifacts/"):
+                self._on_chunk(topic, message.payload)
             else:
-                self._on_chunk(message.topic, message.payload)
+                raise m.Malformed("not a topic this client reads")
         except m.Malformed as exc:
-            self.say(f"mqtt: dropped a message on {message.topic}: {exc}")
+            self._drop(topic, str(exc))
+        except Exception as exc:  # noqa: BLE001 - nothing a broker delivers may stop this client
+            self._drop(topic, f"unexpected {exc!r}")
+
+    def _on_task(self, topic: str, payload: bytes) -> None:
+        with self._cond:
+            if not self.token:  # before registering: kept until the token that verifies it arrives
+                self._pending_task = payload
+                return
+            try:
+                message, _ = m.unseal(payload, topic, [m.key_of(self.token)], "task")
+            except m.Forged:
+                self._pending_task = payload  # perhaps sealed for the token a registration under way brings
+                raise
+            task_id, task = _task_of(message)
+            hashes = _chunk_hashes_of(message, task)
+            order = self._order_of(task_id)
+            if order is None:
+                raise m.Malformed(f"task {task_id[:40]!r}: older than the task held ({self._task_order}); replayed?")
+            if self._task_order is not None and order[0] != self._task_order[0]:
+                self._retired.add(self._task_order[0])
+            self._task_order = order
+            self._task = (task_id, task)
+            if len(self._chunk_hashes) > KEEP_HASHES:
+                self._chunk_hashes.clear()
+            self._chunk_hashes.update(hashes)
+            self._finished = self._finished or task.status == FINISHED
+            self._cond.notify_all()
+
+    def _order_of(self, task_id: str) -> tuple[str, int] | None:
+        """(session, serial) of a task id, None if it is older than the task held: ids are
+        session:serial, serials grow within an aggregator's session, and a session once replaced
+        by a newer one (the aggregator restarted) never comes back."""
+        session, _, serial = task_id.rpartition(":")
+        if not serial.isdigit() or len(serial) > 18:
+            raise m.Malformed(f"task id {task_id[:40]!r} is not session:serial")
+        order = (session, int(serial))
+        held = self._task_order
+        if session in self._retired or (held is not None and held[0] == session and order[1] < held[1]):
+            return None
+        return order
+
+    def _on_reply(self, topic: str, payload: bytes) -> None:
+        with self._cond:
+            keys = ([m.key_of(self.token)] if self.token else []) + [m.key_of(self.enrol_token)]
+            reply, index = m.unseal(payload, topic, keys, "reply")
+            by_token = bool(self.token) and index == 0
+            if not by_token and reply.get("op") != "register":
+                raise m.Forged("reply: only a registration reply may be sealed with the enrolment token: ignored")
+            reply["_by_token"] = by_token
+            forgotten = by_token and reply.get("code") == "UNAUTHENTICATED" and "request_id" not in reply
+            self._unauthenticated = self._unauthenticated or forgotten
+            self._replies.append(reply)
+            del self._replies[:-64]
+            self._cond.notify_all()
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
+        """A chunk counts only if it is one a download waits for and its sha256 is the one the
+        (sealed) task lists for it: whatever else arrives on an artifact topic changes nothing."""
         if not payload:  # a retained chunk being cleared
             return
         header, data = m.decode_frame(payload, "artifact chunk")
@@ -163,7 +272,10 @@ class MqttClientTransport:
         with self._cond:
             download = self._downloads.get(sha)
             if download is None or topic != self.topics.chunk(sha, index) or not 0 <= index < download.count:
-                return
+                raise m.Malformed("artifact chunk: not one this client is downloading")
+            if sha256(data) != download.hashes[index]:
+                raise m.Forged(f"artifact chunk {index} of {download.ref.name}: its sha256 is not the one the task "
+                               "lists: ignored")
             download.parts.setdefault(index, bytes(data))
             self._cond.notify_all()
 
@@ -208,27 +320,38 @@ class MqttClientTransport:
 
     # ------------------------------------------------------------------ the transport interface
     def register(self, request: RegisterRequest) -> Registration:
-        connection = self._connect(request.name)
+        """Register on this device's own topic; then, if the token is not the one the connection's
+        last will was MAC'd with, reconnect once so that the broker holds a will that counts."""
+        connection = self._connect(request.name, request.credential)
         self._wait_connected("register")
         generation = connection.generation
         request_id = secrets.token_hex(8)
         assert self.topics is not None
-        self._publish(connection, self.topics.register, m.encode_json({
+        self._publish(connection, self.topics.client(self.name, "register"), m.encode_json({
             "request_id": request_id, "enrolment_token": self.enrol_token, "protocol_version": request.protocol_version,
             "name": request.name, "tier": request.tier, "profile": request.profile, "num_samples": request.num_samples,
-            "label_histogram": list(request.label_histogram)}), "register")
-        reply = self._await_reply(lambda r: r.get("request_id") == request_id, REPLY_TIMEOUT_S, "register",
-                                   generation)
+            "label_histogram": list(request.label_histogram), "credential": request.credential}), "register")
+        reply = self._await_reply(lambda r: r.get("op") == "register" and r.get("request_id") == request_id,
+                                  REPLY_TIMEOUT_S, "register", generation)
         if not reply.get("ok"):
             raise self._refusal(reply, "register")
         what = "registration reply"
-        self.token = m.field(reply, "token", str, what)
+        registration = Registration(
+            m.field(reply, "client_id", int, what), m.field(reply, "token", str, what),
+            m.field(reply, "tier", str, what), m.field(reply, "tier_reason", str, what),
+            m.field(reply, "config_yaml", str, what), m.field(reply, "federation", str, what),
+            float(m.field(reply, "heartbeat_interval_s", (int, float), what)))
         with self._cond:
+            self.token = registration.token
             self._unauthenticated = False
-        return Registration(m.field(reply, "client_id", int, what), self.token, m.field(reply, "tier", str, what),
-                            m.field(reply, "tier_reason", str, what), m.field(reply, "config_yaml", str, what),
-                            m.field(reply, "federation", str, what),
-                            float(m.field(reply, "heartbeat_interval_s", (int, float), what)))
+            pending, self._pending_task = self._pending_task, None
+        if pending is not None:  # the retained task that came before the token
+            self._on_message(_Received(self.topics.client(self.name, "task"), pending))
+        if self._will_token != self.token:
+            self._will_token = self.token
+            connection.restart()
+            self._wait_connected("register")
+        return registration
 
     def fetch_task(self, wait_s: float) -> TaskInfo:
         until = time.monotonic() + wait_s
@@ -254,7 +377,11 @@ class MqttClientTransport:
     def download(self, round_number: int, ref: ArtifactRef) -> bytearray:
         connection = self._wait_connected(f"download {ref.name}")
         assert self.topics is not None
-        download = _Download(ref)
+        with self._cond:
+            hashes = self._chunk_hashes.get(ref.sha256)
+        if hashes is None:
+            raise Refused("FAILED_PRECONDITION", f"download {ref.name}: no task of this client lists it")
+        download = _Download(ref, hashes)
         until = time.monotonic() + TRANSFER_TIMEOUT_S
         with self._cond:
             self._downloads[ref.sha256] = download
@@ -294,7 +421,7 @@ class MqttClientTransport:
         for index, piece in enumerate(pieces):
             frame = m.encode_frame({**meta, "index": index, "count": len(pieces)}, piece)
             self._publish(connection, topic, frame, what)
-        reply = self._await_reply(lambda r: r.get("op") == "upload" and r.get("attempt") == attempt,
+        reply = self._await_reply(lambda r: r["_by_token"] and r.get("op") == "upload" and r.get("attempt") == attempt,
                                   REPLY_TIMEOUT_S, what, generation)
         if not reply.get("ok"):
             raise self._refusal(reply, what)
@@ -302,13 +429,36 @@ class MqttClientTransport:
 
     def heartbeats(self, interval_s: float, stop: threading.Event,
                    on_reply: Callable[[int, bool], None] | None = None) -> None:
+        """Heartbeats carry the token (the proof of who sends them), the connection's session (the only
+        one whose offline message the aggregator will honour), the id of the task held (a client
+        that lost its task, or never got it, is sent it again) and the chunks a download has been
+        missing for a while (sent again too)."""
         topic = self.topics.client(self.name, "status") if self.topics else ""
         while not stop.is_set() and not self._finished:
-            if self.connection is not None and self.connection.connected.is_set():
-                self.connection.publish(topic, m.encode_json({"status": "alive", "token": self.token}), qos=0)
+            connection = self.connection
+            if connection is not None and connection.connected.is_set():
+                now = time.monotonic()
+                with self._cond:
+                    task_id = self._task[0] if self._task else ""
+                    missing = [{"sha256": sha, "chunks": d.missing()} for sha, d in self._downloads.items()
+                               if now - d.started > MISSING_AFTER_S and d.missing()][:4]
+                beat = {"status": "alive", "token": self.token, "session": self.session, "task": task_id}
+                if missing:
+                    beat["missing"] = missing
+                connection.publish(topic, m.encode_json(beat), qos=0)
             stop.wait(interval_s)
 
     def close(self) -> None:
         if self.connection is not None and self.topics is not None:
-            self.connection.close((self.topics.client(self.name, "status"), m.encode_json({"status": "offline"}),
-                                   False))
+            last_words = None
+            if self.token and self._will_token == self.token:  # what the will would have said
+                last_words = (self.topics.client(self.name, "status"),
+                              m.offline_message(m.key_of(self.token), self.session, self.name), False)
+            self.connection.close(last_words)
+
+
+class _Received:
+    """A message held back and handed to _on_message later (paho's MQTTMessage cannot be built by hand)."""
+
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic, self.payload = topic, payload

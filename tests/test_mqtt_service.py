@@ -200,10 +200,13 @@ def test_bad_messages_on_every_topic_are_dropped_and_leave_the_global_state_unto
         nan = encode_arrays({k: np.full_like(v, np.nan) if v.dtype == np.float32 else v for k, v in arrays.items()})
         result, status = f.client("board-1", "result"), f.client("board-1", "status")
         bad = {
-            f.register: [b"\x00\xffgarbage", b'{"name": "board-9", "tier"', b"{" + b" " * 100_000 + b"}",
-                         m.encode_json({"request_id": "x", "name": "a/b#", "tier": "cnn2", "num_samples": 1}),
-                         m.encode_json({"request_id": "x", "name": "board-9", "tier": "cnn2", "num_samples": 100,
-                                        "enrolment_token": "wrong"})],
+            f.client("board-9", "register"): [
+                b"\x00\xffgarbage", b'{"name": "board-9", "tier"', b"{" + b" " * 100_000 + b"}",
+                b"[" * 60_000,
+                m.encode_json({"request_id": "x", "name": "board-1", "tier": "cnn2", "num_samples": 1}),
+                m.encode_json({"request_id": "x", "name": "board-9", "tier": "cnn2", "num_samples": 100,
+                               "enrolment_token": "wrong"})],
+            f.client("a b", "register"): [m.encode_json({"request_id": "x", "name": "a b"})],
             result: [b"garbage", b"\x00\x00\x00", b"\x00" * (2 * CHUNK_BYTES),
                      _frame(t, good, model, 0, token="forged"),
                      _frame(t, good, model, 0)[:-100],  # truncated chunk
@@ -227,9 +230,9 @@ def test_bad_messages_on_every_topic_are_dropped_and_leave_the_global_state_unto
         assert agg.bridge.dropped == expected
         assert _global(agg) == before
         assert not agg.coordinator.federation.received
-        for phrase in ("not JSON", "more than", "too short", "cannot be a topic level", "enrolment token",
-                       "unknown client token", "truncated", "mis-addressed", "is not open", "exceeds the limit",
-                       "NaN or infinite", "expected torch.float32"):
+        for phrase in ("not JSON", "more than", "too short", "nested more than", "registers on its own topic",
+                       "not a client topic", "enrolment token", "unknown client token", "truncated", "mis-addressed",
+                       "is not open", "exceeds the limit", "NaN or infinite", "expected torch.float32"):
             assert any(phrase in line for line in agg.log), phrase
         assert t.upload(good, model).endswith("accepted")  # the genuine upload still counts
         wait_for(lambda: agg.metrics(1) is not None, 30, "round 1 to close")
@@ -241,9 +244,12 @@ def test_bad_messages_on_every_topic_are_dropped_and_leave_the_global_state_unto
         agg.stop()
 
 
-@pytest.fixture
-def secure_broker(tmp_path):
-    """Mosquitto configured from configs/mosquitto/ (TLS, passwords, ACL), on a free port."""
+USERS = (("aggregator", "agg-pw"), ("board-1", "b1-pw"), ("board-2", "b2-pw"))
+
+
+def start_secure_broker(tmp_path: Path) -> tuple[Mosquitto, str, dict[str, Path]]:
+    """Mosquitto configured from configs/mosquitto/ (TLS, passwords for USERS, the ACL), on a free port:
+    (broker, URL, the PKI's files). tests/test_mqtt_attacks.py uses it too."""
     work = tmp_path / "mosquitto"
     (work / "certs").mkdir(parents=True)
     certs = make_certs(tmp_path / "pki")
@@ -258,12 +264,19 @@ def secure_broker(tmp_path):
         conf += "\nuser root\n"
     (work / "mosquitto.conf").write_text(conf)
     passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    for i, (user, password) in enumerate((("aggregator", "agg-pw"), ("board-1", "b1-pw"), ("board-2", "b2-pw"))):
+    for i, (user, password) in enumerate(USERS):
         subprocess.run([passwd, *(["-c"] if i == 0 else []), "-b", str(work / "passwd"), user, password], check=True)
     (work / "passwd").chmod(0o600)
     broker = Mosquitto(port, (work / "mosquitto.conf").read_text(), workdir=work)
     broker.start()
-    yield f"mqtts://127.0.0.1:{port}", certs
+    return broker, f"mqtts://127.0.0.1:{port}", certs
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    """(URL, PKI files) of a broker built from configs/mosquitto/."""
+    broker, url, certs = start_secure_broker(tmp_path)
+    yield url, certs
     broker.close()
 
 
