@@ -182,8 +182,15 @@ class MqttClientTransport:
         raise GeflError(f"{len(online)} federations are served on {self.url}: {', '.join(online)}; name one in the "
                         "URL (mqtt://HOST:PORT/FEDERATION)")
 
+    def _known_topics(self) -> m.Topics:
+        """The federation's topics, known once the transport has connected."""
+        if self.topics is None:
+            raise GeflError("MQTT: the federation's topics are not known yet (not connected)")
+        return self.topics
+
     def _on_connect(self) -> None:
-        assert self.connection is not None and self.topics is not None
+        if self.connection is None or self.topics is None:  # not an assert: python -O drops those
+            raise GeflError("MQTT: connected before the transport was set up")
         self.session = self._next_session
         t = self.topics
         self.connection.subscribe(t.client(self.name, "task"), t.client(self.name, "reply"),
@@ -193,8 +200,7 @@ class MqttClientTransport:
         self._drop_log(topic, f"mqtt: dropped a message on {topic}: {why}")
 
     def _on_message(self, message) -> None:
-        t = self.topics
-        assert t is not None
+        t = self._known_topics()
         topic = message.topic
         try:
             if topic == t.client(self.name, "task"):
@@ -326,8 +332,7 @@ class MqttClientTransport:
         self._wait_connected("register")
         generation = connection.generation
         request_id = secrets.token_hex(8)
-        assert self.topics is not None
-        self._publish(connection, self.topics.client(self.name, "register"), m.encode_json({
+        self._publish(connection, self._known_topics().client(self.name, "register"), m.encode_json({
             "request_id": request_id, "enrolment_token": self.enrol_token, "protocol_version": request.protocol_version,
             "name": request.name, "tier": request.tier, "profile": request.profile, "num_samples": request.num_samples,
             "label_histogram": list(request.label_histogram), "credential": request.credential}), "register")
@@ -376,7 +381,6 @@ class MqttClientTransport:
 
     def download(self, round_number: int, ref: ArtifactRef) -> bytearray:
         connection = self._wait_connected(f"download {ref.name}")
-        assert self.topics is not None
         with self._cond:
             hashes = self._chunk_hashes.get(ref.sha256)
         if hashes is None:
@@ -385,7 +389,7 @@ class MqttClientTransport:
         until = time.monotonic() + TRANSFER_TIMEOUT_S
         with self._cond:
             self._downloads[ref.sha256] = download
-        connection.subscribe(self.topics.chunks(ref.sha256))
+        connection.subscribe(self._known_topics().chunks(ref.sha256))
         try:
             with self._cond:
                 while len(download.parts) < download.count:
@@ -411,13 +415,12 @@ class MqttClientTransport:
         what = f"upload {header.name} for round {header.round}"
         connection = self._wait_connected(what)
         generation = connection.generation
-        assert self.topics is not None
         attempt = secrets.token_hex(8)  # the verdict names it: an answer to an earlier attempt never matches
         meta = {"token": self.token, "attempt": attempt, "round": header.round, "phase": header.phase,
                 "name": header.name, "size": header.size, "sha256": header.sha256, "num_samples": header.num_samples,
                 "loss": header.loss}
         pieces = list(chunks(payload)) or [memoryview(b"")]
-        topic = self.topics.client(self.name, "result")
+        topic = self._known_topics().client(self.name, "result")
         for index, piece in enumerate(pieces):
             frame = m.encode_frame({**meta, "index": index, "count": len(pieces)}, piece)
             self._publish(connection, topic, frame, what)

@@ -399,7 +399,8 @@ class GeFL(GeneratorAlgorithm):
         rng = torch.Generator().manual_seed(task.seed)
         generator = self._client_generator(task, data, num_classes) if task.generator is not None else None
         if task.phase == GENERATOR:
-            assert generator is not None
+            if generator is None:  # not an assert: the task comes from the network, and -O drops asserts
+                raise GeflError(f"round {task.round}: a generator round's task carries no generator")
             return self._train_generator(task, generator, data.images, data.labels, rng)
         model = self._model(task, data, num_classes)
         loss = self._train_classifier(model, data.images, data.labels, generator, num_classes, rng)
@@ -430,7 +431,8 @@ class GeFLF(GeneratorAlgorithm):
         features = extract_features(model.fe, data.images)  # the FE is frozen from here on
         generator = self._client_generator(task, data, num_classes) if task.generator is not None else None
         if task.phase == GENERATOR:
-            assert generator is not None
+            if generator is None:  # not an assert: the task comes from the network, and -O drops asserts
+                raise GeflError(f"round {task.round}: a generator round's task carries no generator")
             return self._train_generator(task, generator, features, data.labels, rng)
         loss = self._train_classifier(model.head, features, data.labels, generator, num_classes, rng)
         return ClientResult(task.client_id, task.tier, task.phase, encode_state(model.state_dict()), len(data), loss)

@@ -96,3 +96,18 @@ def make_certs(directory: Path) -> dict[str, Path]:
     return {"ca": layout.ca_cert, "server": layout.server_cert, "server-key": layout.server_key,
             "client": layout.client_cert("board-1"), "client-key": layout.client_key("board-1"),
             "other-ca": other.layout.ca_cert}
+
+
+def tampered(good: dict, **changes) -> bytes:
+    """`good` (name -> array) encoded with entries replaced or, for None, removed: the hostile uploads
+    the gRPC and MQTT tests send. Names use __ for . (head__fc__weight)."""
+    from gefl.wire import encode_arrays
+
+    arrays = {k: v.copy() for k, v in good.items()}
+    for name, value in changes.items():
+        name = name.replace("__", ".")
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value
+    return encode_arrays(arrays)

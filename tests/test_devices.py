@@ -34,29 +34,32 @@ TOY = Catalogue("small", runtime_memory_mb=100.0, runtime_memory_mb_cpu=40.0, ti
     "medium": TierCost("medium", 10_000, 2.0, 50.0, train_memory_mb_cpu=45.0),
     "large": TierCost("large", 100_000, 5.0, 400.0, train_memory_mb_cpu=None),  # unmeasured: the CUDA figure
 })
+HALF = Policy(None, 1000, memory_fraction=0.5)
+"""The toy tests' policy: no deadline, half the available memory (their figures assume it)."""
+HALF_25S = Policy(deadline_s=25, samples_per_round=1000, memory_fraction=0.5)
 
 
 def test_policy_picks_the_largest_tier_that_fits_and_names_the_runner_up():
     # 1000 samples at 100 samples/s on the reference tier: small 10 s, medium 20 s, large 50 s.
-    policy = Policy(deadline_s=25, samples_per_round=1000, memory_fraction=0.5)
+    policy = HALF_25S
     choice = select_tier(["small", "medium", "large"], 2000, 100, policy, TOY, cuda=True)
     assert choice.tier == "medium" and choice.meets_deadline
     assert choice.round_time_s == pytest.approx(20.0)
     assert "large would need 50.0 s > 25 s deadline" in choice.reason
     # Without a deadline, memory alone decides: large needs 500 MB of the 1000 MB allowed.
-    assert select_tier(["small", "medium", "large"], 2000, 100, Policy(None, 1000, memory_fraction=0.5), TOY, cuda=True).tier == "large"
+    assert select_tier(["small", "medium", "large"], 2000, 100, HALF, TOY, cuda=True).tier == "large"
     # Memory: 700 MB available, half of it allowed: large (500 MB) is refused, with the figures.
-    choice = select_tier(["small", "medium", "large"], 700, 1000, Policy(None, 1000, memory_fraction=0.5), TOY, cuda=True)
+    choice = select_tier(["small", "medium", "large"], 700, 1000, HALF, TOY, cuda=True)
     assert choice.tier == "medium" and "large would need 500 MB > 350 MB (50% of 700 MB available)" in choice.reason
     assert "CUDA build of torch" in choice.reason
 
 
 def test_policy_when_nothing_meets_the_deadline_or_fits_in_memory():
-    slow = select_tier(["small", "medium", "large"], 2000, 10, Policy(deadline_s=25, samples_per_round=1000, memory_fraction=0.5), TOY,
+    slow = select_tier(["small", "medium", "large"], 2000, 10, HALF_25S, TOY,
                        cuda=True)
     assert slow.tier == "small" and not slow.meets_deadline and "straggle" in slow.reason
     with pytest.raises(GeflError, match="no tier fits this device's memory: the smallest, small, would need 110 MB"):
-        select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000, memory_fraction=0.5), TOY, cuda=True)
+        select_tier(["small", "medium", "large"], 200, 100, HALF, TOY, cuda=True)
 
 
 def test_a_device_without_cuda_is_charged_the_cpu_builds_figures():
@@ -66,8 +69,8 @@ def test_a_device_without_cuda_is_charged_the_cpu_builds_figures():
     assert TOY.memory_mb("large", cuda=False) == 440.0
     # 200 MB available, 100 MB allowed: the CUDA figures fit nothing, the CPU figures fit medium (85 MB).
     with pytest.raises(GeflError, match="would need 110 MB .*figures for the CUDA build of torch"):
-        select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000, memory_fraction=0.5), TOY, cuda=True)
-    choice = select_tier(["small", "medium", "large"], 200, 100, Policy(None, 1000, memory_fraction=0.5), TOY, cuda=False)
+        select_tier(["small", "medium", "large"], 200, 100, HALF, TOY, cuda=True)
+    choice = select_tier(["small", "medium", "large"], 200, 100, HALF, TOY, cuda=False)
     assert choice.tier == "medium" and choice.memory_mb == 85.0 and "CPU-only build of torch" in choice.reason
     assert "large would need 440 MB > 100 MB" in choice.reason
 

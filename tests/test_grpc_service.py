@@ -24,7 +24,7 @@ from gefl.config import config_from_dict
 from gefl.protocol import TRAIN, Refused, RegisterRequest, UploadHeader
 from gefl.wire import decode_arrays, encode_arrays, encode_state, sha256
 
-from netutil import TOKEN, make_certs, wait_for
+from netutil import TOKEN, make_certs, tampered, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn2"], "rounds": 2,
@@ -165,14 +165,7 @@ def test_every_bad_upload_is_refused_with_its_reason_and_leaves_the_global_model
     good = decode_arrays(model)
 
     def tensors(**changes: np.ndarray | None) -> bytes:
-        arrays = {k: v.copy() for k, v in good.items()}
-        for key, value in changes.items():
-            key = key.replace("__", ".")
-            if value is None:
-                del arrays[key]
-            else:
-                arrays[key] = value
-        return encode_arrays(arrays)
+        return tampered(good, **changes)
 
     weight, key = "head__fc__weight", "head.fc.weight"
     nan = good[key].copy()

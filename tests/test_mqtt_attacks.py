@@ -43,9 +43,9 @@ from gefl import mqtt as m
 from gefl.config import config_from_dict
 from gefl.errors import GeflError
 from gefl.protocol import PROTOCOL_VERSION, TRAIN, Refused, RegisterRequest
-from gefl.wire import CHUNK_BYTES, decode_arrays, encode_arrays
+from gefl.wire import CHUNK_BYTES, decode_arrays
 
-from netutil import TOKEN, Process, wait_for
+from netutil import TOKEN, Process, tampered, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,14 +82,7 @@ def test_every_bad_upload_is_refused_to_the_client_with_its_reason_and_leaves_th
         key = "head.fc.weight"
 
         def tensors(**changes: np.ndarray | None) -> bytes:
-            arrays = {k: v.copy() for k, v in good.items()}
-            for name, value in changes.items():
-                name = name.replace("__", ".")
-                if value is None:
-                    del arrays[name]
-                else:
-                    arrays[name] = value
-            return encode_arrays(arrays)
+            return tampered(good, **changes)
 
         weight = "head__fc__weight"
         nan = good[key].copy()
