@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from gefl.edge_client.probe import cpu_model
 
 from gefl.models import OPT_IN_TIERS, count_parameters, get_model, list_tiers
+from gefl.optim import SGD
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "configs" / "tiers.yaml"
@@ -91,9 +92,9 @@ HEADER = f"""\
 #   reference_tier         the tier a device times itself on (edge_client/probe.py); other tiers' speed
 #                          is estimated from it by the ratio of train_samples_per_s
 #   batch_size             the batch of every measurement below
-#   runtime_memory_mb      RSS of a Python process with torch and gefl.models imported, 1 thread, after
-#   runtime_memory_mb_cpu  building one optimizer (torch.optim's first use imports torch._dynamo) and
-#                          before any model: every tier pays it on top of train_memory_mb(_cpu). The CUDA
+#   runtime_memory_mb      RSS of a Python process with torch, gefl.models and gefl.optim (the clients'
+#   runtime_memory_mb_cpu  optimizers, which do not import torch._dynamo) imported, 1 thread, before any
+#                          model: every tier pays it on top of train_memory_mb(_cpu). The CUDA
 #                          build maps its CUDA libraries even with no GPU, hence the difference
 #   torch, torch_cpu       the builds (torch.__version__) that measured the plain and the _cpu columns
 #   memory_measured        when they did
@@ -200,9 +201,8 @@ def measure_here(tier: str, timed: bool = True) -> dict:
     """
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    # The first optimizer a process builds imports torch._dynamo and some 900 modules (~175 MB of RSS
-    # with torch 2.15): a cost of training at all, paid once whatever the tier, so it is runtime.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    # gefl's own SGD, as the clients train with: torch.optim's first step would import torch._dynamo
+    # and some 900 modules (73 MB on the CPU build) that a client never loads.
     gc.collect()
     baseline = _rss_bytes()  # after importing psutil, so that is part of the runtime too
     runtime_split = _rss_split_mb()
@@ -210,7 +210,7 @@ def measure_here(tier: str, timed: bool = True) -> dict:
     sampler = _AnonPeak()
     sampler.start()
     model = get_model(tier).train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    opt = SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     x, y = torch.randn(BATCH_SIZE, *INPUT_SHAPE), torch.randint(10, (BATCH_SIZE,))
 
     def step() -> None:
@@ -454,7 +454,7 @@ def write_results(out: Path, result: dict) -> None:
            f"Throughput is not re-timed in this run (--memory-only): samples/s are the catalogue's, timed "
            f"{result['timing']['measured']} with torch {result['timing']['timed_with']}; ")
         + "memory is measured with each build. "
-        "Runtime memory: RSS of Python + torch + gefl.models + one optimizer, before any model. "
+        "Runtime memory: RSS of Python + torch + gefl.models + gefl.optim, before any model. "
         f"Train memory: peak anonymous memory (RssAnon) above that, median of {result['runs']} fresh processes "
         "(min-max in brackets). Peak RSS: the whole measuring process's VmHWM (import and library pages "
         "included), median. The policy charges runtime + train memory of the device's build (CUDA build if "

@@ -33,9 +33,9 @@ DEVICES_PATH = packaged("devices.yaml")
 MEMORY_FRACTION = 0.8
 """Share of the available memory (MemAvailable: what the kernel, the OS and other processes leave)
 the training client may take. The rest is headroom for the page cache and for what the estimate
-leaves out (a gefl-f client's generator round peaks about 50 MB above it,
-benchmarks/results/client_memory.md). 0.8 lets a 512 MB Pi Zero 2 W (380 MB available) train the
-smallest tiers on the CPU build, whose whole client peaks at 288-349 MB."""
+(torch, gefl and the tier's training) leaves out of a whole client: about 60 MB with fedavg and 120 MB
+in a gefl-f generator round (benchmarks/results/client_memory.md). 0.8 lets a 512 MB Pi Zero 2 W
+(380 MB available) train on the CPU build, whose whole cnn3c client peaks at 288-349 MB."""
 
 
 @dataclass(frozen=True)
