@@ -134,15 +134,15 @@ def test_a_server_at_its_call_limit_is_waited_for_not_taken_as_a_refusal(tmp_pat
         _register(holder, "holder")
         outcomes: list[BaseException | None] = []
 
-        def poll() -> None:  # no round opens (the quorum is two): each call waits out its 5 s
+        def poll() -> None:  # no round opens (the quorum is two): each call waits out its half second
             try:
-                holder.fetch_task(5.0)
+                holder.fetch_task(0.5)
                 outcomes.append(None)
             except Exception as exc:  # noqa: BLE001 - the test sorts them below
                 outcomes.append(exc)
 
         # More long polls than the server's limit (one worker + the health watches' share).
-        threads = [threading.Thread(target=poll, daemon=True) for _ in range(40)]
+        threads = [threading.Thread(target=poll, daemon=True) for _ in range(30)]
         for t in threads:
             t.start()
         for t in threads:
