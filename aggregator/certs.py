@@ -53,7 +53,7 @@ MAX_COMMON_NAME = 64
 _BACKDATE = datetime.timedelta(minutes=5)
 """notBefore slightly in the past: a board whose clock runs a little behind still accepts a new certificate."""
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
+_DNS_NAME = re.compile(rf"^(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?\Z")
 
 
 @dataclass(frozen=True)

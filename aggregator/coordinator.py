@@ -41,7 +41,7 @@ from gefl.wire import arrays_digest, decode_arrays, encode_arrays, sha256
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = 2
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 Say = Callable[[str], None]
 
@@ -582,10 +582,19 @@ class Coordinator:
         if bad:
             raise Refused(p.DATA_LOSS, f"the checkpoint {path} holds non-finite values (in {', '.join(bad[:3])}): "
                           "a run cannot go on from them. Restore it from a backup, or move it away to start afresh")
-        self.federation.completed = int(meta["completed"])
-        for c in meta["clients"]:
-            client = Client(int(c["client_id"]), c["name"], c["tier"], c["token_sha256"], int(c["num_samples"]),
-                            list(c["label_histogram"]))
-            self.clients[client.client_id] = client
-            self._by_token[client.token_sha256] = client.client_id
-        self.logic.restore(arrays, meta["logic"], self.federation.completed)
+        try:  # a digest is not a signature: a file made to match it may still lack or twist any field
+            completed = int(meta["completed"])
+            clients = [Client(int(c["client_id"]), str(c["name"]), str(c["tier"]), str(c["token_sha256"]),
+                              int(c["num_samples"]), [int(n) for n in c["label_histogram"]]) for c in meta["clients"]]
+            for client in clients:
+                if not p.valid_client_name(client.name) or not _SHA256.match(client.token_sha256):
+                    raise ValueError(f"client {client.client_id}'s name or token hash is not one this aggregator "
+                                     "writes")
+            self.federation.completed = completed
+            for client in clients:
+                self.clients[client.client_id] = client
+                self._by_token[client.token_sha256] = client.client_id
+            self.logic.restore(arrays, meta["logic"], completed)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise Refused(p.DATA_LOSS, f"the checkpoint {path} is malformed ({type(exc).__name__}: {exc}); restore "
+                          "it from a backup, or move it away to start afresh") from None

@@ -41,7 +41,7 @@ REPLY_TIMEOUT_S = 30.0
 """How long a registration or an upload's verdict may take before the request is sent again."""
 TRANSFER_TIMEOUT_S = 600.0
 DISCOVERY_S = 1.0
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+_HASH = re.compile(r"^[0-9a-f]{64}\Z")
 KEEP_HASHES = 64
 """Chunk hash lists kept (per artifact sha256) from recent tasks, for downloads still under way."""
 MISSING_AFTER_S = 5.0

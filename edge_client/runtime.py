@@ -179,7 +179,11 @@ class ClientRuntime:
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        cfg = config_from_dict(yaml.safe_load(reg.config_yaml))
+        try:
+            cfg = config_from_dict(yaml.safe_load(reg.config_yaml))
+        except yaml.YAMLError as exc:
+            raise GeflError(f"the aggregator at {self.transport.address} sent a run config that is not valid YAML "
+                            f"({exc}); it may be a newer or broken gefl-edge") from None
         num_classes = len(dataset_classes(cfg.dataset))
         split = client_split(images, labels, classes, num_classes, self.options.data_dir)
         return cfg, split, make_algorithm(cfg), num_classes

@@ -82,9 +82,9 @@ KEEPALIVE_S = 10
 LOG_EVERY_S = 5.0
 """A drop repeated on one topic for one reason is logged once per this many seconds (a flood of
 forgeries must not flood the log as well)."""
-_FEDERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SESSION = re.compile(r"^[0-9a-f]{16,64}$")
-_MAC = re.compile(rb"^[0-9a-f]{64}$")
+_FEDERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_SESSION = re.compile(r"^[0-9a-f]{16,64}\Z")
+_MAC = re.compile(rb"^[0-9a-f]{64}\Z")
 
 
 class Malformed(GeflError):

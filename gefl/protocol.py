@@ -17,7 +17,7 @@ from gefl.errors import GeflError
 PROTOCOL_VERSION = 1
 
 MAX_NAME = 128
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*\Z")
 
 
 def valid_client_name(name: str) -> bool:

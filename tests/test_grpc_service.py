@@ -236,6 +236,10 @@ def test_registration_needs_the_enrolment_token_and_a_known_tier(aggregator):
         client.register(RegisterRequest(name="b", tier="auto", num_samples=10))
     with pytest.raises(Refused, match="add up"):
         client.register(RegisterRequest(name="b", tier="cnn2", num_samples=10, label_histogram=(3, 3)))
+    for name in ("board\n", "board\nclient 0 registered: forged", "../b", ""):  # $ in a regex matches before \n
+        with pytest.raises(Refused, match="is not valid") as bad_name:
+            client.register(RegisterRequest(name=name, tier="cnn2", num_samples=10))
+        assert bad_name.value.code == "INVALID_ARGUMENT"
     # Registering again under the same name, with the device's own credential, keeps the client id
     # and the token; a third name finds the federation full.
     _register(client, "a")
