@@ -569,6 +569,9 @@ class Coordinator:
         except Exception as exc:
             raise Refused(p.DATA_LOSS, f"cannot read the checkpoint {path}: {exc}; move it away to start afresh "
                           "(the run directory's other files stay valid)") from exc
+        if not isinstance(meta, dict):
+            raise Refused(p.DATA_LOSS, f"the checkpoint {path} is malformed (its metadata is not an object); restore "
+                          "it from a backup, or move it away to start afresh")
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise Refused(p.DATA_LOSS, f"{path} has checkpoint format {meta.get('format')}, expected "
                           f"{CHECKPOINT_FORMAT}")

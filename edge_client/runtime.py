@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import yaml
 from gefl.edge_client.credentials import CredentialStore
 from gefl.edge_client.transport import ClientTransport, Unauthenticated, Unavailable
 
@@ -173,17 +172,13 @@ class ClientRuntime:
         import torch
 
         from gefl.algorithms import make_algorithm
-        from gefl.config import config_from_dict
+        from gefl.config import config_from_yaml
         from gefl.data import dataset_classes
         from gefl.image_folder import client_split
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        try:
-            cfg = config_from_dict(yaml.safe_load(reg.config_yaml))
-        except yaml.YAMLError as exc:
-            raise GeflError(f"the aggregator at {self.transport.address} sent a run config that is not valid YAML "
-                            f"({exc}); it may be a newer or broken gefl-edge") from None
+        cfg = config_from_yaml(reg.config_yaml, f"the aggregator at {self.transport.address}")
         num_classes = len(dataset_classes(cfg.dataset))
         split = client_split(images, labels, classes, num_classes, self.options.data_dir)
         return cfg, split, make_algorithm(cfg), num_classes

@@ -340,3 +340,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(data: dict) -> Config:
     return validate(_from_dict(Config, data))
+
+
+def config_from_yaml(text: str, source: str) -> Config:
+    """A config received as YAML text (a client gets its run's config from the aggregator): any
+    text that is not a valid config, however malformed or deeply nested, is a GeflError naming `source`."""
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise GeflError(f"the run config from {source} is not valid YAML ({type(exc).__name__})") from None
+    return config_from_dict(data)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -37,6 +38,10 @@ def unwritable(path: Path, exc: OSError) -> GeflError:
     return GeflError(f"cannot write {path}: {exc.strerror or exc}. The files written before are as they were; free "
                      "space or fix the directory's permissions (or pick another --out / --state-dir), then run the "
                      "command again")
+
+
+MAX_CLASSES = 100_000
+"""The most classes a dataset may have (the aggregator's bound on label histograms too)."""
 
 
 class RunDir:
@@ -171,13 +176,21 @@ def load_generator(path: str | Path, family: str | None = None) -> tuple[Generat
     try:
         preset, options = json.loads(meta["preset"]), json.loads(meta["options"])
         in_channels, num_classes = int(meta["in_channels"]), int(meta["num_classes"])
-    except ValueError as exc:
-        raise GeflError(f"{file}: unreadable metadata ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise GeflError(f"{file}: unreadable metadata ({type(exc).__name__})") from None
+    if in_channels not in (1, 3) or not 1 <= num_classes <= MAX_CLASSES:
+        raise GeflError(f"{file}: metadata in_channels {in_channels} / num_classes {num_classes} is not a dataset's "
+                        f"(1 or 3 channels, 1 to {MAX_CLASSES:,} classes)")
     from gefl.algorithms import generated_shape
 
     spec = generator_spec(meta["family"])
-    generator = build_generator(spec.family, generated_shape(spec.level, in_channels), num_classes, preset, options)
-    check_generator_state(generator, state, str(file))
+    shape = generated_shape(spec.level, in_channels)
+    # Built first without memory, so that the file's shapes, which its size bounds, are checked before
+    # its metadata can make us allocate anything (widths of a million would ask for gigabytes).
+    with torch.device("meta"):
+        blueprint = build_generator(spec.family, shape, num_classes, preset, options)
+    check_generator_state(blueprint, state, str(file))
+    generator = build_generator(spec.family, shape, num_classes, preset, options)
     generator.load_state_dict(state)
     return generator.eval(), meta
 

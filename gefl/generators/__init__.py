@@ -110,6 +110,10 @@ def generator_options(family: str, preset: str | None, options: dict | None = No
     """The constructor options a (family, preset, overrides) triple resolves to; checked by name."""
     spec = generator_spec(family)
     resolved: dict = {}
+    if preset is not None and not isinstance(preset, str):
+        raise GeflError(f"generator {family!r}: a preset is named by a string, got {preset!r:.80}")
+    if options is not None and not isinstance(options, dict):
+        raise GeflError(f"generator {family!r}: options must map option names to values, got {options!r:.80}")
     if preset is not None:
         if preset not in spec.presets:
             raise unknown_name(f"{family} preset", preset, spec.presets)
@@ -134,7 +138,7 @@ def build_generator(
     kwargs = generator_options(family, preset, options)
     try:
         return spec.build(data_shape=tuple(data_shape), num_classes=num_classes, level=spec.level, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch refusing e.g. a negative width
         raise GeflError(f"generator {family!r} with {kwargs}: {exc}") from exc
 
 
