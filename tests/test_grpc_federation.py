@@ -206,3 +206,24 @@ def test_a_client_whose_result_is_refused_does_not_retrain_the_round_in_a_loop(t
         client.kill()
     refusals = [m for m in log if "refused" in m and "upload from client" in m]
     assert len(refusals) == 1 and "NaN" in refusals[0], refusals
+
+
+def test_a_board_shares_its_label_counts_only_when_its_user_opts_in(tmp_path, shards):
+    cfg = config_from_dict({"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn2"], "rounds": 1,
+                            "train": {"local_epochs": 1}, "eval": {"every": 100}})
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, lambda m: None)
+    server, port, _ = start_server(coordinator, "127.0.0.1:0")
+    address = f"127.0.0.1:{port}"
+    private = _client(address, shards / "client-000", "private")
+    shared = Process(["client", "run", "--aggregator", address, "--data-dir", str(shards / "client-001"), "--tier",
+                      "cnn2", "--name", "shared", "--threads", "1", "--give-up", "60", "--share-label-histogram"],
+                     env={"GEFL_TOKEN": TOKEN})
+    try:
+        wait_for(lambda: len(coordinator.clients) == 2, 120, "two registrations")
+        by_name = {c.name: c for c in coordinator.clients.values()}
+        assert by_name["private"].label_histogram == []
+        assert sum(by_name["shared"].label_histogram) == by_name["shared"].num_samples == 600
+    finally:
+        server.stop(grace=None).wait()
+        for c in (private, shared):
+            c.kill()

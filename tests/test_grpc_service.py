@@ -468,3 +468,19 @@ def test_an_unwritable_state_directory_or_checkpoint_stops_the_aggregator_in_one
     assert "Traceback" not in serve.output
     assert "cannot write the checkpoint" in serve.output and "last good checkpoint is kept" in serve.output
     assert (state / "checkpoint.safetensors").read_bytes() == good
+
+
+def test_a_bug_in_the_aggregator_is_not_reported_to_the_device_as_its_fault(tmp_path):
+    """A programming error behind a call is the aggregator's (gRPC UNKNOWN, which a client retries),
+    not INVALID_ARGUMENT, which tells the device that its request was wrong."""
+    agg = Aggregator(tmp_path / "state", start=False)
+
+    def broken(request):
+        raise ZeroDivisionError("a bug in the tier policy")
+
+    agg.coordinator.logic.choose_tier = broken
+    try:
+        with pytest.raises(Unavailable, match="UNKNOWN"):
+            _register(GrpcClientTransport(agg.address, TOKEN))
+    finally:
+        agg.stop()
