@@ -119,14 +119,13 @@ def test_every_bad_upload_is_refused_to_the_client_with_its_reason_and_leaves_th
         ]
         for what, make, code, phrase in cases:
             payload, header = make()
-            started = time.monotonic()
-            with pytest.raises(Refused) as refused:
+            with pytest.raises(Refused) as refused:  # a timed-out request would raise Unavailable instead
                 client.upload(header, payload)
-            assert time.monotonic() - started < 10, what  # the verdict came; no request timed out
             assert refused.value.code == code, (what, refused.value)
             assert phrase in str(refused.value), (what, refused.value)
             assert _global(agg) == before, what
             assert not agg.coordinator.federation.received, what
+        # One refusal per case: the first attempt got its verdict, none was sent again after a timeout.
         assert len([line for line in agg.log if "refused [" in line and "upload from" in line]) == len(cases)
         assert not [line for line in agg.log if "unexpected" in line], agg.log
 
