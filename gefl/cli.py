@@ -87,7 +87,7 @@ def _read_token_file(path: str) -> str:
     token = text.strip()
     if not token:
         raise GeflError(f"the token file {path} is empty: write the enrolment token into it (the aggregator "
-                        "prints it when it starts and keeps it in STATE_DIR/enrolment-token)")
+                        "keeps it in STATE_DIR/enrolment-token)")
     if len(token.split()) > 1:
         raise GeflError(f"the token file {path} holds more than one word: it should hold the enrolment token "
                         "alone (a token has no spaces)")
@@ -151,7 +151,7 @@ def _client_run(args: argparse.Namespace) -> int:
     token = _token(args)
     if not token:
         raise GeflError("the aggregator's enrolment token is needed: set GEFL_TOKEN or pass --token-file FILE "
-                        "(the aggregator prints the token when it starts and keeps it in STATE_DIR/enrolment-token)")
+                        "(the aggregator keeps it in STATE_DIR/enrolment-token)")
     if args.threads is not None and args.threads < 1:
         raise GeflError(f"--threads must be at least 1, got {args.threads}")
     auth = _mqtt_auth(args.mqtt_user, args.ca, args.cert, args.key)
