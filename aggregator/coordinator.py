@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
-import os
 import re
 import secrets
 import threading
@@ -33,14 +31,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gefl import checkpoint
 from gefl import protocol as p
+from gefl.checkpoint import CHECKPOINT
 from gefl.errors import GeflError
 from gefl.federation import Federation, Phase, RoundError, RoundInfo, round_traffic, task_seed
 from gefl.protocol import ArtifactRef, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
-from gefl.wire import arrays_digest, decode_arrays, encode_arrays, sha256
+from gefl.wire import arrays_digest, sha256
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = 2
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 Say = Callable[[str], None]
@@ -112,31 +110,6 @@ class Settings:
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _checkpoint_digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
-    """sha256 over the tensors and every other field of the checkpoint: any change to either shows."""
-    return hashlib.sha256(f"{arrays_digest(arrays)}|{json.dumps(meta, sort_keys=True)}".encode()).hexdigest()
-
-
-def nonfinite_arrays(arrays: dict[str, np.ndarray]) -> list[str]:
-    """Names of the floating-point arrays holding NaN or infinity."""
-    return sorted(k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any moment leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Coordinator:
@@ -546,45 +519,16 @@ class Coordinator:
             return
         arrays, logic_meta = self.logic.snapshot()
         with self._cond:
-            meta = {"format": CHECKPOINT_FORMAT, "completed": self.federation.completed,
+            meta = {"completed": self.federation.completed,
                     "clients": [c.to_dict() for c in self.clients.values()], "logic": logic_meta}
             self._registry_dirty = False
-        meta["sha256"] = _checkpoint_digest(arrays, meta)
-        path = self.state_dir / CHECKPOINT
-        try:
-            atomic_write(path, encode_arrays(arrays, {"gefl": json.dumps(meta)}))
-        except OSError as exc:
-            # The rename never happened, so the last good checkpoint is still in place: stop on it.
-            raise GeflError(f"cannot write the checkpoint {path}: {exc.strerror or exc}. The aggregator stops; the "
-                            "last good checkpoint is kept, so free space or fix the state directory's permissions "
-                            "and start it again on the same --state-dir to resume (the clients wait and reconnect)"
-                            ) from exc
+        checkpoint.save(self.state_dir / CHECKPOINT, arrays, meta)
 
     def _load_checkpoint(self, path: Path) -> None:
-        from safetensors import safe_open
-
         try:
-            with safe_open(path, "np") as f:
-                meta = json.loads((f.metadata() or {})["gefl"])
-        except Exception as exc:
-            raise Refused(p.DATA_LOSS, f"cannot read the checkpoint {path}: {exc}; move it away to start afresh "
-                          "(the run directory's other files stay valid)") from exc
-        if not isinstance(meta, dict):
-            raise Refused(p.DATA_LOSS, f"the checkpoint {path} is malformed (its metadata is not an object); restore "
-                          "it from a backup, or move it away to start afresh")
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise Refused(p.DATA_LOSS, f"{path} has checkpoint format {meta.get('format')}, expected "
-                          f"{CHECKPOINT_FORMAT}")
-        arrays = decode_arrays(path.read_bytes())
-        stored = meta.pop("sha256", None)
-        if stored is None or not hmac.compare_digest(str(stored), _checkpoint_digest(arrays, meta)):
-            raise Refused(p.DATA_LOSS, f"the checkpoint {path} is damaged: its contents do not match the digest "
-                          "written with them (a bit flip on disk, or an edit); resuming would go on from other "
-                          "weights than the run had. Restore it from a backup, or move it away to start afresh")
-        bad = nonfinite_arrays(arrays)
-        if bad:
-            raise Refused(p.DATA_LOSS, f"the checkpoint {path} holds non-finite values (in {', '.join(bad[:3])}): "
-                          "a run cannot go on from them. Restore it from a backup, or move it away to start afresh")
+            arrays, meta = checkpoint.load(path)
+        except GeflError as exc:
+            raise Refused(p.DATA_LOSS, str(exc)) from None
         try:  # a digest is not a signature: a file made to match it may still lack or twist any field
             completed = int(meta["completed"])
             clients = [Client(int(c["client_id"]), str(c["name"]), str(c["tier"]), str(c["token_sha256"]),

@@ -11,17 +11,16 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 import yaml
 
-from gefl.algorithms import GENERATOR, ClientResult, GeneratorAlgorithm, GlobalState, make_algorithm
+from gefl.algorithms import GENERATOR, ClientResult, GlobalState, make_algorithm
+from gefl.checkpoint import restore_global_state, state_arrays
 from gefl.config import Config, to_dict
 from gefl.data import Dataset, Split
 from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
 from gefl.errors import GeflError
 from gefl.executor import LocalExecutor, WorkerContext
 from gefl.federation import Phase, RoundInfo
-from gefl.generators import check_generator_state
 from gefl.models import count_parameters, get_model
 from gefl.protocol import RegisterRequest, UploadHeader
 from gefl.rundir import RunDir
@@ -118,35 +117,14 @@ class TrainingLogic:
         return text
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
-        arrays = {f"model/{t}/{k}": v.numpy() for t, sd in self.state.models.items() for k, v in sd.items()}
-        if self.state.generator is not None:
-            arrays.update({f"generator/{k}": v.numpy() for k, v in self.state.generator.items()})
+        arrays = state_arrays(self.state.models, self.state.generator)
         meta = {"scores": self.scores.to_dict(), "used_tiers": self.used_tiers,
                 "elapsed_s": time.monotonic() - self.started + self.elapsed_before}
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict, completed: int) -> None:
-        models: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.tiers}
-        generator: dict[str, torch.Tensor] = {}
-        for key, value in arrays.items():
-            kind, _, rest = key.partition("/")
-            if kind == "generator":
-                generator[rest] = torch.from_numpy(value)
-            else:
-                tier, _, name = rest.partition("/")
-                if tier not in models:
-                    raise GeflError(f"the checkpoint holds tier {tier!r}, which this config does not offer")
-                models[tier][name] = torch.from_numpy(value)
-        for tier, sd in models.items():
-            if sd.keys() != self.state.models[tier].keys():
-                raise GeflError(f"the checkpoint's {tier} weights do not match the model: was the config changed?")
-        if generator:
-            if not isinstance(self.algorithm, GeneratorAlgorithm):
-                raise GeflError(f"the checkpoint holds a generator, but {self.cfg.algorithm} has none: "
-                                "was the config changed?")
-            expected = self.algorithm.new_generator(self.dataset.in_channels, self.dataset.num_classes)
-            check_generator_state(expected, generator, "the checkpoint's generator")
-        self.state = GlobalState(models, generator or None)
+        self.state = restore_global_state(arrays, self.algorithm, self.state, self.dataset.in_channels,
+                                          self.dataset.num_classes)
         self.scores = Scoreboard.from_dict(meta["scores"])
         self.used_tiers = list(meta["used_tiers"])
         self.elapsed_before = float(meta["elapsed_s"])

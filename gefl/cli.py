@@ -32,6 +32,17 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):  # -> Confi
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    if args.resume:
+        from gefl.simulation import simulate
+
+        if args.transport != "inprocess":
+            raise GeflError("--resume continues an in-process run; a networked run resumes through its aggregator's "
+                            "--state-dir (gefl aggregator serve)")
+        given = args.config or args.set or args.data_dir or args.seed is not None or args.devices
+        # Given no config, the run's own config.yaml; given one, any key that differs from it is refused.
+        cfg = _load(args, [f"devices={args.devices}"] if args.devices else []) if given else None
+        simulate(cfg, out=args.out, resume=args.resume)
+        return 0
     cfg = _load(args, [f"devices={args.devices}"] if args.devices else [])
     if args.broker and args.transport != "mqtt":
         raise GeflError("--broker is for --transport mqtt")
@@ -320,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--devices", metavar="YAML",
                      help="simulate a device mix (e.g. configs/devices.yaml): each client picks its tier by the "
                      "device policy and a simulated clock drives deadlines and stragglers")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="go on with a stopped or killed run from its last checkpoint (written after every round), "
+                     "with the results an uninterrupted run has; its config is the run's config.yaml, and a "
+                     "--config or --set that changes a key is refused")
     sim.set_defaults(func=_simulate)
 
     prb = sub.add_parser(

@@ -27,6 +27,7 @@ from gefl.devices import (
     select_tier,
     transfer_s,
 )
+from gefl.errors import GeflError
 
 
 @dataclass
@@ -99,6 +100,26 @@ class DeviceSimulation:
         duration = self.deadline_s if late else max(on_time, default=0.0)
         self.round_seconds.append(float(duration))
         return late, float(duration)
+
+    def clock_state(self) -> dict:
+        """What the simulated clock has counted so far, as JSON for a checkpoint (the profiles and
+        tiers are not in it: they follow from the config)."""
+        return {"round_seconds": list(self.round_seconds),
+                "classes": {name: {"seconds": list(s.seconds), "stragglers": s.stragglers,
+                                   "client_rounds": s.client_rounds} for name, s in self._stats.items()}}
+
+    def restore_clock(self, state: dict) -> None:
+        """Go on counting from a checkpoint's `clock_state`; a device class the mix lacks is refused."""
+        classes = state["classes"]
+        if set(classes) != set(self._stats):
+            raise GeflError(f"the checkpoint's device classes ({', '.join(sorted(classes))}) are not this device "
+                            f"mix's ({', '.join(sorted(self._stats))}): was the devices file changed?")
+        self.round_seconds = [float(s) for s in state["round_seconds"]]
+        for name, saved in classes.items():
+            stats = self._stats[name]
+            stats.seconds = [float(s) for s in saved["seconds"]]
+            stats.stragglers = int(saved["stragglers"])
+            stats.client_rounds = int(saved["client_rounds"])
 
     def summary(self) -> dict:
         return {

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gefl import checkpoint
 from gefl.algorithms import (
     GENERATOR,
     Algorithm,
@@ -23,6 +24,7 @@ from gefl.algorithms import (
     GlobalState,
     make_algorithm,
 )
+from gefl.checkpoint import CHECKPOINT, restore_global_state, state_arrays
 from gefl.config import Config, config_from_dict, load_config
 from gefl.data import Dataset, Split, client_indices, label_histogram, load_dataset
 from gefl.device_sim import DeviceSimulation, format_device_summary, training_mflops_per_sample
@@ -57,17 +59,30 @@ def simulate(
     config: Config | dict | str | Path | None = None,
     *,
     out: str | Path | None = None,
+    resume: str | Path | None = None,
     progress: Progress | None = print,
 ) -> dict:
     """Run a federation in-process and return its summary (also written to the run directory).
 
-    `config` is a Config, a dict of config keys, a YAML path, or None for the defaults.
+    `config` is a Config, a dict of config keys, a YAML path, or None for the defaults. The run
+    checkpoints after every round; `resume=RUN_DIR` goes on from a stopped run's last checkpoint
+    and ends with the results an uninterrupted run has. Without `config` it resumes the run's own
+    config.yaml; with one, a key that differs is refused by name.
     """
+    if resume is not None:
+        if out is not None:
+            raise GeflError("--resume goes on in the run directory it names; give no --out with it")
+        if not (Path(resume) / CHECKPOINT).is_file():
+            raise GeflError(f"{resume} holds no {CHECKPOINT}: it is not a run directory, or the run stopped before "
+                            "its first round closed; start it afresh")
+        if config is None:
+            config = Path(resume) / "config.yaml"
     cfg = _as_config(config)
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    RunDir.check_target(out)
+    if resume is None:
+        RunDir.check_target(out)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     devices = _device_simulation(cfg, len(dataset.train))
     if devices is not None:
@@ -88,7 +103,16 @@ def simulate(
     state = algorithm.init_state(tiers, dataset.in_channels, dataset.num_classes)
     params = {t: count_parameters(get_model(t, dataset.in_channels, dataset.num_classes)) for t in tiers}
 
-    run = RunDir.create(out, cfg)
+    scores = Scoreboard(tiers)
+    if resume is None:
+        run = RunDir.create(out, cfg)
+        elapsed_before = 0.0
+    else:
+        run = RunDir.resume_or_create(resume, cfg)
+        state, elapsed_before = _restore(run.path / CHECKPOINT, algorithm, state, federation, scores, devices,
+                                         dataset)
+        run.truncate_metrics(federation.completed)
+        say(f"resuming {run.path} after round {federation.completed} of {federation.total_rounds}")
     run.write_json("partition.json", [
         {"client": c, "tier": tier_of(c), "num_samples": len(split),
          **({"device": devices.clients[c].profile.name, "tier_reason": devices.clients[c].reason} if devices else {}),
@@ -109,9 +133,9 @@ def simulate(
     say(f"data: {cfg.partition.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
         f"label histograms in {run.path / 'partition.json'}")
 
-    scores = Scoreboard(tiers)
     executor = make_executor(WorkerContext(algorithm, clients, test, dataset.num_classes, cfg.eval.batch_size),
                              workers, device)
+    resumed_at = federation.completed
     try:
         while not federation.finished:
             info = federation.open_round()
@@ -159,13 +183,19 @@ def simulate(
                 line += format_accuracy(record)
             record["seconds"] = time.perf_counter() - t0
             elapsed = time.perf_counter() - started
-            eta = elapsed / info.number * (federation.total_rounds - info.number)
+            done_here = info.number - resumed_at
+            eta = elapsed / done_here * (federation.total_rounds - info.number)
             say(f"{line}  {record['seconds']:.1f}s  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
             run.append_metrics(record)
+            checkpoint.save(run.path / CHECKPOINT, state_arrays(state.models, state.generator), {
+                "completed": federation.completed, "scores": scores.to_dict(),
+                "elapsed_s": elapsed_before + time.perf_counter() - started,
+                "clock": devices.clock_state() if devices is not None else None})
     finally:
         executor.close()
 
-    summary = scores.summary(cfg, federation.total_rounds, time.perf_counter() - started, params, str(run.path))
+    wall = elapsed_before + time.perf_counter() - started
+    summary = scores.summary(cfg, federation.total_rounds, wall, params, str(run.path))
     if devices is not None:
         summary["devices"] = devices.summary()
     run.save_weights(state, dataset, cfg)
@@ -174,6 +204,29 @@ def simulate(
     if devices is not None:
         say(format_device_summary(summary["devices"]))
     return summary
+
+
+def _restore(path: Path, algorithm: Algorithm, template: GlobalState, federation: Federation, scores: Scoreboard,
+             devices: DeviceSimulation | None, dataset: Dataset) -> tuple[GlobalState, float]:
+    """Load a stopped run's checkpoint into this run's federation, scoreboard and device clock;
+    returns the global state and the wall time the run had spent before."""
+    arrays, meta = checkpoint.load(path)
+    state = restore_global_state(arrays, algorithm, template, dataset.in_channels, dataset.num_classes)
+    try:
+        completed = int(meta["completed"])
+        if not 0 < completed <= federation.total_rounds:
+            raise ValueError(f"{completed} rounds completed, of {federation.total_rounds}")
+        saved = Scoreboard.from_dict(meta["scores"])
+        if devices is not None:
+            devices.restore_clock(meta["clock"])
+        elapsed = float(meta["elapsed_s"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise GeflError(f"the checkpoint {path} is malformed ({type(exc).__name__}: {exc}); move it away and start "
+                        "the run afresh") from None
+    federation.completed = completed
+    scores.best, scores.final, scores.evaluations, scores.traffic = (
+        saved.best, saved.final, saved.evaluations, saved.traffic)
+    return state, elapsed
 
 
 def _split_clients(cfg: Config, dataset: Dataset, device: torch.device) -> dict[int, Split]:

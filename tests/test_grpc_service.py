@@ -404,9 +404,9 @@ def test_a_damaged_or_non_finite_checkpoint_is_refused_not_resumed(tmp_path):
     import json as _json
     import struct
 
-    from gefl.aggregator.coordinator import _checkpoint_digest
     from safetensors import safe_open
 
+    from gefl.checkpoint import digest as _checkpoint_digest
     from gefl.errors import GeflError
 
     state = tmp_path / "state"

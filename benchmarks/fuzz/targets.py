@@ -57,6 +57,7 @@ from gefl.protos import gefl_v1_pb2 as pb
 from google.protobuf.message import DecodeError
 
 import gefl
+import gefl.checkpoint as checkpoint_module
 from gefl import mqtt as m
 from gefl.config import config_from_dict, config_from_yaml
 from gefl.data import dataset_classes, list_datasets
@@ -870,7 +871,7 @@ def fuzz_checkpoint(data: bytes) -> None:
     base = checkpoint_logic()
     state_dir = _tmp() / "checkpoint"
     state_dir.mkdir(exist_ok=True)
-    path = state_dir / coordinator_module.CHECKPOINT
+    path = state_dir / checkpoint_module.CHECKPOINT
     path.write_bytes(data)
     resealed = _resealed_checkpoint(path)
     try:
@@ -886,10 +887,9 @@ def _resealed_checkpoint(path: Path) -> bytes | None:
     mutated checkpoint also reaches the code behind the digest check: what a checkpoint written by a
     buggy or older aggregator, or edited and resealed, would take. None when the input has no
     metadata object to seal or the aggregator keeps no digest."""
-    digest = getattr(coordinator_module, "_checkpoint_digest", None)
-    if digest is None:
-        return None
     from safetensors import safe_open
+
+    from gefl.checkpoint import digest
 
     try:
         with safe_open(str(path), "np") as f:
@@ -1098,7 +1098,7 @@ def _regressions() -> dict[str, dict[str, bytes]]:
         "checkpoint": {"metadata-list": encode_arrays({}, {"gefl": "[]"}),
                        # resealed by the target: a digest that matches, then fields that are missing
                        "no-fields": encode_arrays({}, {"gefl": json.dumps(
-                           {"format": getattr(coordinator_module, "CHECKPOINT_FORMAT", 1)})})},
+                           {"format": checkpoint_module.FORMAT})})},
         "generator_file": {"preset-object": _generator_file({"preset": '{"a": 1}'}),
                            "options-list": _generator_file({"options": "[1, 2]"}),
                            "negative-latent": _generator_file({"options": '{"widths": [4, 8], "latent": -4}'})},
