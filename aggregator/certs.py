@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gefl.errors import GeflError
+from gefl.files import atomic_write
 from gefl.protocol import MAX_NAME, valid_client_name
 
 DEFAULT_SERVER_NAMES = ("localhost",)
@@ -165,17 +166,9 @@ def _write(path: Path, data: bytes, private: bool) -> None:
     """Write through a temporary file and rename, so an interrupted run never leaves half a PEM file
     where the next run would take it for a finished one. Private keys get mode 0600 from the start,
     not after the fact, so they are never readable by others for an instant."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600 if private else 0o644)  # whatever the umask took away or left
-        os.replace(tmp, path)
+        atomic_write(path, data, 0o600 if private else 0o644)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise GeflError(f"cannot write {path}: {exc.strerror}") from exc
 
 

@@ -16,6 +16,8 @@ import logging
 import os
 from pathlib import Path
 
+from gefl.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -53,15 +55,9 @@ class CredentialStore:
     def save(self, aggregator: str, name: str, token: str) -> None:
         """Keep `token`; on failure say what it costs, and carry on (this run does not need the file)."""
         path = self._path(aggregator, name)
-        tmp = path.with_suffix(".tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"aggregator": aggregator, "name": name, "token": token}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps({"aggregator": aggregator, "name": name, "token": token}).encode(), 0o600)
         except OSError as exc:
             log.warning("cannot keep this device's credential in %s (%s): after a restart it cannot register "
                         "again as %r unless the aggregator forgets it; make the directory writable or give "

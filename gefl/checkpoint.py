@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gefl.errors import GeflError
+from gefl.files import atomic_write
 from gefl.wire import arrays_digest, decode_arrays, encode_arrays
 
 if TYPE_CHECKING:  # the aggregator's coordinator writes checkpoints without importing torch
@@ -28,22 +28,6 @@ if TYPE_CHECKING:  # the aggregator's coordinator writes checkpoints without imp
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 2
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any moment leaves the old file or the new one
-    (the data and the rename are both on disk before this returns)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
