@@ -37,7 +37,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from gefl.aggregator.mosquitto import free_port
 from PIL import Image
 
 from gefl.data import FASHION_CLASSES, read_idx
@@ -150,12 +150,6 @@ def root_env(**extra: str) -> dict[str, str]:
            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_DEFAULT_TIMEOUT": "180"}
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen, name: str, grace: float = 30.0) -> None:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from gefl.aggregator.mosquitto import free_port
 from gefl.edge_client.probe import cpu_model
 
 from gefl.errors import GeflError
@@ -347,14 +348,6 @@ def run_clients(args: argparse.Namespace) -> int:
 
 def progress(text: str) -> None:
     print(f"[transport] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def loopback_bytes() -> int | None:

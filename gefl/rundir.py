@@ -12,7 +12,6 @@ and reads weights back (`load_tier`, `load_generator`) with checks that name wha
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as _save_torch
 
 from gefl.config import Config, to_dict
 from gefl.errors import GeflError
+from gefl.files import atomic_write
 from gefl.models import TierNet, get_model
+from gefl.wire import canonical
 
 if TYPE_CHECKING:
     from gefl.algorithms import GlobalState
@@ -100,19 +102,15 @@ class RunDir:
             return
         keep = [line for line in metrics.read_text().splitlines()
                 if line.strip() and json.loads(line).get("round", 0) <= rounds]
-        tmp = self.path / ".metrics.jsonl.tmp"
         try:
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, metrics)
+            atomic_write(metrics, "".join(line + "\n" for line in keep).encode())
         except OSError as exc:
             raise unwritable(metrics, exc) from exc
 
     def write_json(self, name: str, data: Any) -> None:
         """Atomic: a reader never sees half a file, a crash never leaves one."""
-        tmp = self.path / f".{name}.tmp"
         try:
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-            os.replace(tmp, self.path / name)
+            atomic_write(self.path / name, (json.dumps(data, indent=2) + "\n").encode())
         except OSError as exc:
             raise unwritable(self.path / name, exc) from exc
 
@@ -137,14 +135,18 @@ class RunDir:
             "num_classes": str(dataset.num_classes), "classes": json.dumps(dataset.classes),
             "algorithm": cfg.algorithm,
         }
-        for tier, sd in state.models.items():
-            save_file({k: v.contiguous() for k, v in sd.items()}, weights / f"{tier}.safetensors",
-                      metadata={**common, "tier": tier})
+        for tier, sd in sorted(state.models.items()):
+            _save_weight_file(sd, weights / f"{tier}.safetensors", {**common, "tier": tier})
         if state.generator is not None:
             g = cfg.gefl.generator
-            save_file({k: v.contiguous() for k, v in state.generator.items()}, weights / "generator.safetensors",
-                      metadata={**common, "family": g.family, "preset": json.dumps(g.preset),
-                                "options": json.dumps(g.options)})
+            _save_weight_file(state.generator, weights / "generator.safetensors",
+                              {**common, "family": g.family, "preset": json.dumps(g.preset, sort_keys=True),
+                               "options": json.dumps(g.options, sort_keys=True)})
+
+
+def _save_weight_file(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """One weight file, byte for byte the same for the same tensors and metadata (see `wire.canonical`)."""
+    atomic_write(path, canonical(_save_torch({k: v.contiguous() for k, v in state.items()}, metadata=metadata)))
 
 
 def load_generator(path: str | Path, family: str | None = None) -> tuple[Generator, dict[str, str]]:

@@ -9,6 +9,8 @@ payloads without importing torch; `decode_state` imports it when a caller wants 
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,26 @@ CHUNK_BYTES = 1 << 20
 
 def encode_arrays(arrays: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
     # np.ascontiguousarray would turn 0-d arrays (BatchNorm's step counters) into 1-d ones.
-    return _save_numpy({k: np.asarray(v).copy(order="C") for k, v in arrays.items()}, metadata=metadata)
+    return canonical(_save_numpy({k: np.asarray(v).copy(order="C") for k, v in arrays.items()}, metadata=metadata))
+
+
+def canonical(data: bytes) -> bytes:
+    """Safetensors bytes with their header in one fixed order, so equal tensors and metadata give equal bytes.
+
+    The safetensors library keeps the metadata in a hash map whose order changes from process to
+    process; this rewrites the header with the metadata keys sorted and the tensors in data order
+    (the data itself does not move, its offsets are relative to the end of the header).
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    ordered: dict[str, Any] = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    for name in sorted(header, key=lambda n: (header[n]["data_offsets"], n)):
+        ordered[name] = header[name]
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
 
 
 def decode_arrays(data: bytes) -> dict[str, np.ndarray]:

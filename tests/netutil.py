@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from gefl.aggregator.mosquitto import free_port
+
+__all__ = ["SHORT", "TOKEN", "Process", "free_port", "read_metrics", "wait_for"]
 
 TOKEN = "test-enrolment-token"
 SHORT = {"num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2, "partition": {"samples_per_client": 200},
@@ -25,12 +28,6 @@ def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     text = path.read_text() if path.exists() else ""
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

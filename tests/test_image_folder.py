@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ from gefl.config import config_from_dict
 from gefl.errors import GeflError
 from gefl.image_folder import class_dir_name, load_client_split, read_image_folder, write_split
 from gefl.simulation import _split_clients
+
+from netutil import free_port
 
 FMNIST_DIRS = ["00-t-shirt-top", "01-trouser", "02-pullover", "03-dress", "04-coat",
                "05-sandal", "06-shirt", "07-sneaker", "08-bag", "09-ankle-boot"]
@@ -278,12 +279,6 @@ def test_hostile_image_files_are_refused_by_name(tmp_path):
         read_image_folder(bomb)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("hostile", ["two-loops", "fifo"])
 def test_the_client_refuses_a_hostile_data_directory_before_registering(tmp_path, hostile):
     """`gefl client run`, a real process: two loops (or a FIFO named like an image) used to hang the
@@ -298,7 +293,7 @@ def test_the_client_refuses_a_hostile_data_directory_before_registering(tmp_path
         os.mkfifo(root / "01-c1" / "pipe.png")
         expected = "01-c1/pipe.png is not a regular file"
     proc = subprocess.run([sys.executable, "-m", "gefl.cli", "client", "run", "--aggregator",
-                           f"127.0.0.1:{_free_port()}", "--data-dir", str(root), "--give-up", "0"],
+                           f"127.0.0.1:{free_port()}", "--data-dir", str(root), "--give-up", "0"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "GEFL_TOKEN": "t"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("gefl: error: ") and expected in proc.stderr and "Traceback" not in proc.stderr

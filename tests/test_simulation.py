@@ -108,3 +108,35 @@ def test_same_seed_same_result(tmp_path):
     a = simulate(cfg, out=tmp_path / "a", progress=None)
     b = simulate(cfg, out=tmp_path / "b", progress=None)
     assert a["tiers"] == b["tiers"]
+
+
+def test_the_same_weights_are_written_as_the_same_bytes(tmp_path):
+    # safetensors keeps metadata in a hash map whose order changes from one save to the next:
+    # without a canonical header, two identical runs write weight files that differ.
+    from types import SimpleNamespace
+
+    from gefl.algorithms import GlobalState
+    from gefl.config import config_from_dict
+    from gefl.rundir import RunDir, load_generator, load_tier
+
+    cfg = config_from_dict({**BASE, "algorithm": "gefl-f"})
+    dataset = SimpleNamespace(name="fashion-mnist", in_channels=1, num_classes=10, classes=[str(i) for i in range(10)])
+    torch.manual_seed(0)
+    state = GlobalState({t: get_model(t).state_dict() for t in ("cnn4", "cnn3")})
+    from gefl.algorithms import generated_shape
+    from gefl.generators import build_generator, generator_spec
+
+    g = cfg.gefl.generator
+    spec = generator_spec(g.family)
+    state.generator = build_generator(spec.family, generated_shape(spec.level, 1), 10, g.preset, g.options).state_dict()
+    runs = [RunDir.create(tmp_path / f"run{i}", cfg) for i in range(2)]
+    for run in runs:
+        run.save_weights(state, dataset, cfg)
+    names = sorted(p.name for p in (runs[0].path / "weights").iterdir())
+    assert names == ["cnn3.safetensors", "cnn4.safetensors", "generator.safetensors"]
+    for name in names:
+        assert (runs[0].path / "weights" / name).read_bytes() == (runs[1].path / "weights" / name).read_bytes(), name
+    model, meta = load_tier(runs[0].path, "cnn4")
+    assert meta["tier"] == "cnn4" and meta["num_classes"] == "10"
+    assert all(torch.equal(v, state.models["cnn4"][k]) for k, v in model.state_dict().items())
+    load_generator(runs[0].path, g.family)

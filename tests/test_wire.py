@@ -57,3 +57,16 @@ def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
     assert len(set(delays)) == len(delays)  # jittered: no two clients retry in lockstep
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+def test_encoding_is_byte_for_byte_deterministic():
+    import numpy as np
+
+    from gefl.wire import decode_arrays, encode_arrays
+
+    arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.int64(7), "c": np.zeros(3, np.uint8)}
+    metadata = {k: str(i) for i, k in enumerate("qwertyuiop")}
+    encoded = {encode_arrays(arrays, metadata) for _ in range(10)}
+    assert len(encoded) == 1
+    decoded = decode_arrays(encoded.pop())
+    assert set(decoded) == set(arrays) and all(np.array_equal(decoded[k], arrays[k]) for k in arrays)
