@@ -9,16 +9,21 @@ throughput measurement (which is the point of probing at all).
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from gefl.errors import GeflError
+
+if TYPE_CHECKING:
+    from gefl.devices import Catalogue
 
 MODEL_FILES = ("proc/device-tree/model", "sys/firmware/devicetree/base/model")
 """Where the device tree names the board; the second is the same node on kernels without /proc/device-tree."""
@@ -28,8 +33,6 @@ TEGRA_RELEASE = "etc/nv_tegra_release"
 
 BOARD_FAMILIES = ("raspberry-pi", "jetson", "generic")
 
-REFERENCE_TIER = "cnn3"
-"""The tier whose training speed stands for the device; small enough to measure on a Pi in a second."""
 
 MEASURE_SECONDS = 1.0
 MEASURE_BATCH = 64
@@ -271,6 +274,22 @@ def _cuda(real: bool, board: str | None, family: str, memory_total: int) -> dict
 # --- throughput --------------------------------------------------------------------------------
 
 
+def reference_tier(catalogue: Catalogue | None = None) -> str:
+    """The tier whose training speed stands for the device: the one the tier catalogue
+    (configs/tiers.yaml) measures every tier against, so the probe's figure and the catalogue's
+    compare (and the policy's estimate of every other tier follows from it)."""
+    if catalogue is None:
+        catalogue = _shipped_catalogue()
+    return catalogue.reference_tier
+
+
+@functools.cache
+def _shipped_catalogue() -> Catalogue:
+    from gefl.devices import load_catalogue
+
+    return load_catalogue()
+
+
 def measure_train_throughput(seconds: float = MEASURE_SECONDS, batch_size: int = MEASURE_BATCH) -> float:
     """Training samples per second of the reference tier on this CPU, as the client would train.
 
@@ -300,7 +319,7 @@ def _time_steps(seconds: float, batch_size: int) -> float:
 
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(0)
-        model = get_model(REFERENCE_TIER).train()
+        model = get_model(reference_tier()).train()
         optimizer = SGD(model.parameters(), lr=0.01, momentum=0.5)  # torch.optim would import the compiler
         batches = [(torch.randn(batch_size, 1, 32, 32), torch.randint(0, 10, (batch_size,))) for _ in range(4)]
 
@@ -349,4 +368,4 @@ def _format_cuda(cuda: dict | None) -> str:
 def _format_throughput(samples_per_s: float | None) -> str:
     if samples_per_s is None:
         return "not measured"
-    return f"{samples_per_s:,.0f} samples/s ({REFERENCE_TIER}, batch {MEASURE_BATCH}, 1 CPU thread)"
+    return f"{samples_per_s:,.0f} samples/s ({reference_tier()}, batch {MEASURE_BATCH}, 1 CPU thread)"

@@ -159,3 +159,19 @@ def test_the_running_machine_reports_pythons_architecture():
     import platform
 
     assert probe("/", measure=False).arch == platform.machine()
+
+
+def test_the_probe_times_the_tier_the_catalogue_names(tmp_path):
+    """The reference tier is the catalogue's (configs/tiers.yaml), not a second copy in the probe."""
+    import yaml
+    from gefl.edge_client.probe import _format_throughput, reference_tier
+
+    from gefl.devices import CATALOGUE_PATH, load_catalogue
+
+    assert reference_tier() == load_catalogue().reference_tier
+    data = yaml.safe_load(Path(CATALOGUE_PATH).read_text())
+    data["reference_tier"] = "cnn2"
+    other = tmp_path / "tiers.yaml"
+    other.write_text(yaml.safe_dump(data))
+    assert reference_tier(load_catalogue(other)) == "cnn2"
+    assert f"({reference_tier()}, batch" in _format_throughput(1000.0)
