@@ -109,8 +109,8 @@ def simulate(
         elapsed_before = 0.0
     else:
         run = RunDir.resume_or_create(resume, cfg)
-        state, elapsed_before = _restore(run.path / CHECKPOINT, algorithm, state, federation, scores, devices,
-                                         dataset)
+        state, scores, elapsed_before = _restore(run.path / CHECKPOINT, algorithm, state, federation, devices,
+                                                 dataset)
         run.truncate_metrics(federation.completed)
         say(f"resuming {run.path} after round {federation.completed} of {federation.total_rounds}")
     run.write_json("partition.json", [
@@ -206,10 +206,10 @@ def simulate(
     return summary
 
 
-def _restore(path: Path, algorithm: Algorithm, template: GlobalState, federation: Federation, scores: Scoreboard,
-             devices: DeviceSimulation | None, dataset: Dataset) -> tuple[GlobalState, float]:
-    """Load a stopped run's checkpoint into this run's federation, scoreboard and device clock;
-    returns the global state and the wall time the run had spent before."""
+def _restore(path: Path, algorithm: Algorithm, template: GlobalState, federation: Federation,
+             devices: DeviceSimulation | None, dataset: Dataset) -> tuple[GlobalState, Scoreboard, float]:
+    """Load a stopped run's checkpoint into this run's federation and device clock; returns the
+    global state, the scoreboard and the wall time the run had spent before."""
     arrays, meta = checkpoint.load(path)
     state = restore_global_state(arrays, algorithm, template, dataset.in_channels, dataset.num_classes)
     try:
@@ -224,9 +224,7 @@ def _restore(path: Path, algorithm: Algorithm, template: GlobalState, federation
         raise GeflError(f"the checkpoint {path} is malformed ({type(exc).__name__}: {exc}); move it away and start "
                         "the run afresh") from None
     federation.completed = completed
-    scores.best, scores.final, scores.evaluations, scores.traffic = (
-        saved.best, saved.final, saved.evaluations, saved.traffic)
-    return state, elapsed
+    return state, saved, elapsed
 
 
 def _split_clients(cfg: Config, dataset: Dataset, device: torch.device) -> dict[int, Split]:
