@@ -1,18 +1,15 @@
-"""The aggregator's round coordinator: who is registered and alive, which round is open, which
-uploads count, and the checkpoint after every round.
+"""The aggregator's coordinator: the round loop's way to clients on a network (a gefl.loop.Grid).
+
+It keeps who is registered and alive, serves the open round's tasks and artifacts, and takes the
+uploads that belong to it. The round loop itself (gefl.loop.RoundLoop, the one `gefl simulate`
+runs too) opens the rounds, decides what counts, aggregates and checkpoints; `build_coordinator`
+in aggregator/serve.py ties the two together.
 
 It knows no transport: the gRPC servicer (and the MQTT bridge) call its methods from their own
-threads and translate its `Refused` errors into their status codes. It knows no torch either:
-what a round sends and how results are checked and combined is a `RoundLogic` (training in
-aggregator/training_logic.py, echo rounds in the transport benchmark), so the benchmark measures
-exactly the code that serves a real federation.
-
-Rounds follow gefl's Federation state machine. A round opens once `min_clients` clients are
-online, takes the online clients (sampled by client_fraction), and closes as soon as every
-participant has answered or dropped out, or at `round_timeout`. It counts with at least
-`min_clients` results (or all of its participants, if fewer were sampled); with fewer it runs
-again from the same global state. A client is offline when its heartbeat stream closes or it
-has been silent for `heartbeat_timeout`; any call brings it back for the next round.
+threads and translate its `Refused` errors into their status codes. A round waits until `quorum`
+clients are online, and ends as soon as every participant has answered or dropped out, or at
+`round_timeout`. A client is offline when its heartbeat stream closes or it has been silent for
+`heartbeat_timeout`; any call brings it back for the next round.
 """
 
 from __future__ import annotations
@@ -26,56 +23,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
-from gefl import checkpoint
 from gefl import protocol as p
-from gefl.checkpoint import CHECKPOINT
 from gefl.errors import GeflError
-from gefl.federation import Federation, Phase, RoundError, RoundInfo, round_traffic, task_seed
+from gefl.federation import ClientResult, Federation
+from gefl.loop import Accept, Delivery, RoundLoop, RoundPlan
 from gefl.protocol import ArtifactRef, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
-from gefl.wire import arrays_digest, sha256
+from gefl.wire import sha256
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 Say = Callable[[str], None]
 
 
-class RoundLogic(Protocol):
-    """What a round sends, how an upload is checked, and how results are combined."""
+class Admission(Protocol):
+    """What registration needs from the federation: its name, its config, and the device policy."""
 
     federation: str
     config_yaml: str
 
-    def phases(self) -> list[Phase]: ...
-
     def choose_tier(self, request: RegisterRequest) -> tuple[str, str]:
         """(tier, reason) for a registering client; raises GeflError if it cannot take part."""
-
-    def begin_round(self, info: RoundInfo) -> None: ...
-
-    def artifacts(self, info: RoundInfo, tier: str) -> dict[str, bytes]: ...
-
-    def upload_name(self, phase: str) -> str: ...
-
-    def upload_limit(self, info: RoundInfo, tier: str) -> int:
-        """Largest upload accepted for this tier in this round, in bytes (checked before reading it)."""
-
-    def check(self, info: RoundInfo, client_id: int, tier: str, header: UploadHeader, payload: bytes) -> Any:
-        """Decode and validate an upload; returns the result to aggregate, raises GeflError to refuse it."""
-
-    def end_round(self, info: RoundInfo, results: dict[int, Any], record: dict) -> str:
-        """Aggregate (and evaluate), complete and store the round's metrics record; returns a progress text."""
-
-    def snapshot(self) -> tuple[dict[str, np.ndarray], dict]: ...
-
-    def restore(self, arrays: dict[str, np.ndarray], meta: dict, completed: int) -> None: ...
-
-    def finish(self, clients: list[dict]) -> None:
-        """Write the run's results; `clients` describes every registered client (no tokens)."""
 
 
 @dataclass
@@ -113,33 +82,50 @@ def _hash(token: str) -> str:
 
 
 class Coordinator:
-    def __init__(self, logic: RoundLogic, settings: Settings, enrol_token: str, state_dir: Path | None,
-                 say: Say = print) -> None:
-        self.logic = logic
+    retries = True
+    """A round short of its quorum runs again: clients on a network come back."""
+
+    def __init__(self, admission: Admission, settings: Settings, enrol_token: str, say: Say = print) -> None:
+        self.admission = admission
         self.settings = settings
         self._enrol_sha256 = _hash(enrol_token)
-        self.state_dir = state_dir
         self.say = say
-        self.federation: Federation[Any] = Federation(
-            logic.phases(), settings.num_clients, settings.client_fraction, settings.seed, settings.eval_every)
+        self.loop: RoundLoop | None = None
+        """The round loop driving this coordinator (set by build_coordinator)."""
         self.clients: dict[int, Client] = {}
         self._by_token: dict[str, int] = {}
         self._cond = threading.Condition()
         self._round_deadline = 0.0
+        self._plan: RoundPlan | None = None
+        self._accept: Accept | None = None
+        self._results: dict[int, Any] = {}
         self._artifacts: dict[str, dict[str, bytes]] = {}
         self._refs: dict[str, tuple[ArtifactRef, ...]] = {}
         self._told_finished: set[int] = set()
         self._offline_hooks: dict[int, list[Callable[[], Any]]] = {}
         self._upload_sizes: dict[int, int] = {}
         self._registry_dirty = False
+        self.on_registry_change: Callable[[], None] = lambda: None
+        """Called from the driver thread when registrations changed: the loop checkpoints them."""
         self.finished = False
         self.stopping = threading.Event()
         self.round_started: dict[int, float] = {}
         """Monotonic time each round number was (last) opened; the tests and benchmark read it."""
         self.round_closed: dict[int, float] = {}
         self._listeners: list[Callable[[str], Any]] = []
-        if state_dir is not None and (state_dir / CHECKPOINT).exists():
-            self._load_checkpoint(state_dir / CHECKPOINT)
+
+    @property
+    def federation(self) -> Federation[Any]:
+        """The round loop's federation state machine (rounds completed, the open round)."""
+        if self.loop is None:
+            raise RuntimeError("the coordinator has no round loop: build it with build_coordinator")
+        return self.loop.federation
+
+    def run(self) -> None:
+        """Drive every remaining round (the round loop's run); returns when finished or `stopping` is set."""
+        if self.loop is None:
+            raise RuntimeError("the coordinator has no round loop: build it with build_coordinator")
+        self.loop.run()
 
     # ------------------------------------------------------------------ called by transports
     def register(self, enrol_token: str, request: RegisterRequest, peer_name: str | None = None) -> Registration:
@@ -173,7 +159,7 @@ class Coordinator:
                           f"certificate ({peer_name!r}): a device registers under the name its certificate was "
                           "issued to")
         try:
-            tier, reason = self.logic.choose_tier(request)
+            tier, reason = self.admission.choose_tier(request)
         except Refused:
             raise
         except GeflError as exc:  # the device cannot take part as asked; anything else is our bug, not theirs
@@ -208,7 +194,7 @@ class Coordinator:
             self._by_token[client.token_sha256] = client_id
             self._registry_dirty = True
             self._cond.notify_all()
-        return Registration(client_id, token, tier, reason, self.logic.config_yaml, self.logic.federation,
+        return Registration(client_id, token, tier, reason, self.admission.config_yaml, self.admission.federation,
                             self.settings.heartbeat_interval)
 
     def authenticate(self, token: str) -> Client:
@@ -261,8 +247,7 @@ class Coordinator:
             self._seen(client)
             if self.finished:
                 self._told_finished.add(client.client_id)
-            info = self.federation.current
-            return (info.number if info else 0), self.finished
+            return (self._plan.info.number if self._plan else 0), self.finished
 
     def next_task(self, client: Client, wait_s: float, alive: Callable[[], bool] = lambda: True) -> TaskInfo:
         """The client's task in the open round, waiting up to `wait_s` for one (a long poll)."""
@@ -287,17 +272,16 @@ class Coordinator:
                 self._told_finished.add(client.client_id)
                 self._cond.notify_all()
                 return TaskInfo(p.FINISHED)
-            info = self.federation.current
-            if (info is not None and client.client_id in info.participants
-                    and client.client_id not in self.federation.received and client.tier in self._refs):
-                return self._task(info, client)
+            plan = self._plan
+            if (plan is not None and client.client_id in plan.info.participants
+                    and client.client_id not in self._results and client.tier in self._refs):
+                return self._task(plan, client)
             return TaskInfo(p.WAIT)
 
     def open_artifacts(self) -> tuple[int, dict[str, dict[str, bytes]], dict[str, tuple[ArtifactRef, ...]]]:
         """The open round's number (0: none) and its artifacts and their refs per tier."""
         with self._cond:
-            info = self.federation.current
-            return (info.number if info and self._refs else 0), self._artifacts, self._refs
+            return (self._plan.info.number if self._plan else 0), self._artifacts, self._refs
 
     def add_listener(self, listener: Callable[[str], Any]) -> None:
         """`listener(event)` is called from the driver thread, outside every lock, on 'round_opened',
@@ -311,15 +295,15 @@ class Coordinator:
             except Exception as exc:  # a transport's failure must not stop the rounds
                 self.say(f"listener failed on {event}: {exc!r}")
 
-    def _task(self, info: RoundInfo, client: Client) -> TaskInfo:
+    def _task(self, plan: RoundPlan, client: Client) -> TaskInfo:
+        info = plan.info
         return TaskInfo(
-            p.TRAIN, info.number, info.phase, client.tier, task_seed(self.settings.seed, info.number, client.client_id),
-            self._refs[client.tier], self.logic.upload_name(info.phase),
-            self.logic.upload_limit(info, client.tier), max(0.0, self._round_deadline - time.monotonic()))
+            p.TRAIN, info.number, info.phase, client.tier, plan.seeds[client.client_id], self._refs[client.tier],
+            plan.upload_name, plan.upload_limits[client.tier], max(0.0, self._round_deadline - time.monotonic()))
 
     def artifact(self, client: Client, round_number: int, name: str) -> bytes:
         with self._cond:
-            info = self.federation.current
+            info = self._plan.info if self._plan else None
             if info is None or info.number != round_number:
                 raise Refused(p.FAILED_PRECONDITION, f"round {round_number} is not open "
                               f"(the open round is {info.number if info else 'none'})")
@@ -334,31 +318,33 @@ class Coordinator:
     def check_header(self, client: Client, header: UploadHeader) -> int:
         """Everything about an upload that can be refused before its bytes are read; returns its size limit."""
         try:
-            return self._check_header(client, header)[1]
+            plan, _ = self._check_header(client, header)
+            return plan.upload_limits[client.tier]
         except Refused as exc:
             self.log_refusal(client, header.round, exc)
             raise
 
-    def _check_header(self, client: Client, header: UploadHeader) -> tuple[RoundInfo, int]:
+    def _check_header(self, client: Client, header: UploadHeader) -> tuple[RoundPlan, Accept]:
         with self._cond:
-            info = self.federation.current
-            if info is None or header.round != info.number:
+            plan, accept = self._plan, self._accept
+            info = plan.info if plan else None
+            if plan is None or accept is None or info is None or header.round != info.number:
                 raise Refused(p.FAILED_PRECONDITION, f"round {header.round} is not open (the open round is "
                               f"{info.number if info else 'none'}): the result came too late")
             if client.client_id not in info.participants:
                 raise Refused(p.FAILED_PRECONDITION, f"client {client.client_id} is not a participant of round "
                               f"{info.number}")
-            if client.client_id in self.federation.received:
+            if client.client_id in self._results:
                 raise Refused(p.FAILED_PRECONDITION, f"client {client.client_id} already uploaded for round "
                               f"{info.number}")
             if header.phase != info.phase:
                 raise Refused(p.INVALID_ARGUMENT, f"phase {header.phase!r} does not match round {info.number}'s "
                               f"phase {info.phase!r}")
-            expected = self.logic.upload_name(info.phase)
+            expected = plan.upload_name
             if header.name != expected:
                 raise Refused(p.INVALID_ARGUMENT, f"artifact {header.name!r} is not expected: round "
                               f"{info.number} ({info.phase}) takes {expected!r}")
-            limit = self.logic.upload_limit(info, client.tier)
+            limit = plan.upload_limits[client.tier]
         if header.size > limit:
             raise Refused(p.RESOURCE_EXHAUSTED, f"upload of {header.size:,} bytes exceeds the limit of "
                           f"{limit:,} bytes for a {client.tier} {expected}")
@@ -369,27 +355,31 @@ class Coordinator:
                           "(the samples this client registered with)")
         if not math.isfinite(header.loss):
             raise Refused(p.INVALID_ARGUMENT, f"the reported training loss is {header.loss}: training diverged")
-        return info, limit
+        return plan, accept
 
     def submit(self, client: Client, header: UploadHeader, payload: bytes) -> None:
         """Validate an upload completely and count it; a refusal leaves every global state untouched."""
         try:
-            info, _ = self._check_header(client, header)  # again: the round may have closed meanwhile
+            plan, accept = self._check_header(client, header)  # again: the round may have closed meanwhile
             if len(payload) != header.size:
                 raise Refused(p.DATA_LOSS, f"received {len(payload):,} bytes, the header announced {header.size:,}")
             if sha256(payload) != header.sha256:
                 raise Refused(p.DATA_LOSS, "the upload's sha256 does not match its header: corrupted in transit")
             try:
-                result = self.logic.check(info, client.client_id, client.tier, header, payload)
+                result = accept(ClientResult(client.client_id, client.tier, plan.info.phase, payload,
+                                             header.num_samples, header.loss))
             except Refused:
                 raise
             except GeflError as exc:  # the upload is bad; any other exception is a bug here, not the client's
                 raise Refused(p.INVALID_ARGUMENT, str(exc)) from exc
             with self._cond:
-                try:
-                    self.federation.submit(client.client_id, header.round, result)
-                except RoundError as exc:
-                    raise Refused(p.FAILED_PRECONDITION, str(exc)) from exc
+                if self._plan is not plan:
+                    raise Refused(p.FAILED_PRECONDITION, f"round {header.round} closed while its upload was checked: "
+                                  "the result came too late")
+                if client.client_id in self._results:
+                    raise Refused(p.FAILED_PRECONDITION, f"client {client.client_id} already uploaded for round "
+                                  f"{header.round}")
+                self._results[client.client_id] = result
                 self._upload_sizes[client.client_id] = header.size
                 self._seen(client)
                 self._cond.notify_all()
@@ -402,10 +392,14 @@ class Coordinator:
         self.say(f"round {round_number}: upload from client {client.client_id} ({client.name}) refused "
                  f"[{exc.code}]: {exc}; the global state is unchanged by it")
 
-    # ------------------------------------------------------------------ the driver
+    # ------------------------------------------------------------------ the grid, for the round loop
     @property
     def quorum(self) -> int:
         return self.settings.min_clients
+
+    def tier_of(self, client_id: int) -> str:
+        with self._cond:
+            return self.clients[client_id].tier
 
     def _expire_silent(self) -> None:
         now = time.monotonic()
@@ -417,86 +411,66 @@ class Coordinator:
                 for hook in self._offline_hooks.get(client.client_id, []):
                     hook()
 
-    def run(self) -> None:
-        """Drive every remaining round; returns when the run is finished or `stopping` is set."""
-        if self.federation.completed:
-            self.say(f"resuming after round {self.federation.completed} of {self.federation.total_rounds}; global "
-                     f"state sha256 {arrays_digest(self.logic.snapshot()[0])}")
+    def wait_for_clients(self, quorum: int) -> list[int] | None:
+        """The online clients once `quorum` are; None when stopping. Registrations are checkpointed
+        meanwhile (and before the round): a device's credential must survive a crash."""
         waiting_said = False
-        while not self.federation.finished and not self.stopping.is_set():
+        while not self.stopping.is_set():
             with self._cond:
                 self._expire_silent()
                 online = sorted(c.client_id for c in self.clients.values() if c.online)
-                if len(online) < self.quorum:
-                    if not waiting_said:
-                        self.say(f"waiting for clients: {len(online)} of {self.quorum} online")
-                        waiting_said = True
-                    self._save_registry_if_changed()
-                    self._cond.wait(0.2)
-                    continue
-                waiting_said = False
-                # Registrations are on disk before the round: a device's credential must survive a crash.
-                self._save_registry_if_changed()
-                info = self.federation.open_round(online)
-            self._run_round(info)
-        if self.federation.finished:
-            self._finish()
+                dirty = self._registry_dirty
+            if dirty:
+                self.on_registry_change()
+            if len(online) >= quorum:
+                return online
+            if not waiting_said:
+                self.say(f"waiting for clients: {len(online)} of {quorum} online")
+                waiting_said = True
+            with self._cond:
+                self._cond.wait(0.2)
+        return None
 
-    def _run_round(self, info: RoundInfo) -> None:
+    def open(self, plan: RoundPlan, accept: Accept) -> None:
+        """Start serving `plan`'s tasks and taking its uploads (the first half of send_and_receive)."""
         started = time.monotonic()
-        self.logic.begin_round(info)
-        artifacts = {tier: self.logic.artifacts(info, tier)
-                     for tier in {self.clients[c].tier for c in info.participants}}
         refs = {tier: tuple(ArtifactRef(n, len(b), sha256(b)) for n, b in arts.items())
-                for tier, arts in artifacts.items()}  # hashed before taking the lock every call needs
+                for tier, arts in plan.artifacts.items()}  # hashed before taking the lock every call needs
         with self._cond:
-            self._artifacts, self._refs = artifacts, refs
+            self._plan, self._accept, self._results, self._upload_sizes = plan, accept, {}, {}
+            self._artifacts, self._refs = plan.artifacts, refs
             self._round_deadline = started + self.settings.round_timeout
-            self.round_started[info.number] = started
+            self.round_started[plan.info.number] = started
             self._cond.notify_all()
+
+    def send_and_receive(self, plan: RoundPlan, accept: Accept) -> Delivery:
+        """Serve the round's tasks and take its uploads until every participant has answered or
+        dropped out, or the round times out."""
+        self.open(plan, accept)
         self._notify("round_opened")
         with self._cond:
             while not self.stopping.is_set():
                 self._expire_silent()
-                pending = [c for c in self.federation.missing if self.clients[c].online]
+                pending = [c for c in plan.info.participants if c not in self._results and self.clients[c].online]
                 if not pending or time.monotonic() >= self._round_deadline:
                     break
                 self._cond.wait(0.1)
-            received = self.federation.received
-            needed = min(self.quorum, len(info.participants))
-            if self.stopping.is_set() or len(received) < needed:
-                self.federation.abandon_round()
-                self._artifacts, self._refs = {}, {}
-                if not self.stopping.is_set():
-                    self.say(f"round {info.number}: {len(received)} result(s) by the deadline, the quorum is "
-                             f"{needed}: running the round again")
-                abandoned = True
-            else:
-                abandoned = False
-                results = self.federation.close_round()
-                down = [{ref.name: ref.size for ref in self._refs[self.clients[c].tier]} for c in info.participants]
-                up = [{self.logic.upload_name(info.phase): self._upload_sizes[c]} for c in results]
-                self._artifacts, self._refs = {}, {}
-                self.round_closed[info.number] = time.monotonic()
+            delivery = Delivery(dict(self._results), dict(self._upload_sizes), stopped=self.stopping.is_set())
+            self._plan, self._accept, self._results, self._upload_sizes = None, None, {}, {}
+            self._artifacts, self._refs = {}, {}
+            self.round_closed[plan.info.number] = time.monotonic()
         self._notify("round_closed")
-        if abandoned:
-            return
-        record = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
-                  "participants": list(info.participants), "contributors": sorted(results),
-                  "dropped": [c for c in info.participants if c not in results], "bytes": round_traffic(down, up)}
-        text = self.logic.end_round(info, results, record)
-        self._save_checkpoint()
-        dropped = f", {len(record['dropped'])} dropped" if record["dropped"] else ""
-        self.say(f"[{info.phase:>9} {info.phase_round:>3}/{info.phase_rounds:<3}] round {info.number:>3}/"
-                 f"{self.federation.total_rounds}  {len(results)}/{len(info.participants)} results{dropped}{text}  "
-                 f"{time.monotonic() - started:.1f}s")
+        return delivery
 
-    def _finish(self) -> None:
+    def roster(self) -> list[dict]:
+        """Every registered client (no tokens), for partition.json."""
         with self._cond:
-            clients = [{"client": c.client_id, "name": c.name, "tier": c.tier, "num_samples": c.num_samples,
-                        "label_histogram": c.label_histogram} for c in sorted(self.clients.values(),
-                                                                              key=lambda c: c.client_id)]
-        self.logic.finish(clients)
+            return [{"client": c.client_id, "name": c.name, "tier": c.tier, "num_samples": c.num_samples,
+                     "label_histogram": c.label_histogram} for c in sorted(self.clients.values(),
+                                                                           key=lambda c: c.client_id)]
+
+    def finish(self) -> None:
+        """Tell the clients the run is over; waits up to finish_grace for the online ones to hear it."""
         with self._cond:
             self.finished = True
             self._cond.notify_all()
@@ -510,38 +484,19 @@ class Coordinator:
                 self._cond.wait(0.1)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_registry_if_changed(self) -> None:
-        if self._registry_dirty:
-            self._save_checkpoint()
-
-    def _save_checkpoint(self) -> None:
-        if self.state_dir is None:
-            return
-        arrays, logic_meta = self.logic.snapshot()
+    def state(self) -> dict:
+        """The registrations (token hashes, never tokens), for the round loop's checkpoint."""
         with self._cond:
-            meta = {"completed": self.federation.completed,
-                    "clients": [c.to_dict() for c in self.clients.values()], "logic": logic_meta}
             self._registry_dirty = False
-        checkpoint.save(self.state_dir / CHECKPOINT, arrays, meta)
+            return {"clients": [c.to_dict() for c in self.clients.values()]}
 
-    def _load_checkpoint(self, path: Path) -> None:
-        try:
-            arrays, meta = checkpoint.load(path)
-        except GeflError as exc:
-            raise Refused(p.DATA_LOSS, str(exc)) from None
-        try:  # a digest is not a signature: a file made to match it may still lack or twist any field
-            completed = int(meta["completed"])
-            clients = [Client(int(c["client_id"]), str(c["name"]), str(c["tier"]), str(c["token_sha256"]),
-                              int(c["num_samples"]), [int(n) for n in c["label_histogram"]]) for c in meta["clients"]]
-            for client in clients:
-                if not p.valid_client_name(client.name) or not _SHA256.match(client.token_sha256):
-                    raise ValueError(f"client {client.client_id}'s name or token hash is not one this aggregator "
-                                     "writes")
-            self.federation.completed = completed
+    def restore(self, state: dict) -> None:
+        clients = [Client(int(c["client_id"]), str(c["name"]), str(c["tier"]), str(c["token_sha256"]),
+                          int(c["num_samples"]), [int(n) for n in c["label_histogram"]]) for c in state["clients"]]
+        for client in clients:
+            if not p.valid_client_name(client.name) or not _SHA256.match(client.token_sha256):
+                raise ValueError(f"client {client.client_id}'s name or token hash is not one this aggregator writes")
+        with self._cond:
             for client in clients:
                 self.clients[client.client_id] = client
                 self._by_token[client.token_sha256] = client.client_id
-            self.logic.restore(arrays, meta["logic"], completed)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise Refused(p.DATA_LOSS, f"the checkpoint {path} is malformed ({type(exc).__name__}: {exc}); restore "
-                          "it from a backup, or move it away to start afresh") from None

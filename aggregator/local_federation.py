@@ -11,6 +11,7 @@ the in-process run's: the two runs compute the same rounds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -26,7 +27,10 @@ from gefl.aggregator.coordinator import Coordinator
 from gefl.aggregator.grpc_server import start_server
 from gefl.aggregator.serve import build_coordinator
 
+from gefl.algorithms import make_algorithm
 from gefl.config import Config
+from gefl.data import load_dataset
+from gefl.device_sim import simulated_devices
 from gefl.errors import GeflError
 from gefl.image_folder import client_dir_name, write_split
 from gefl.rundir import RunDir
@@ -62,9 +66,12 @@ def simulate_over_network(cfg: Config, transport: str = "grpc", *, broker: str |
         raise GeflError("--broker is for --transport mqtt")
     say = progress or (lambda _m: None)
     RunDir.check_target(out)
+    devices = simulated_devices(cfg, load_dataset(cfg.dataset, cfg.data_dir), make_algorithm(cfg))
+    if devices is not None:
+        cfg = dataclasses.replace(cfg, num_clients=len(devices.clients))
     run = RunDir.create(out, cfg)
     token = secrets.token_urlsafe(24)
-    coordinator = build_coordinator(cfg, run.path, token, say)
+    coordinator = build_coordinator(cfg, run.path, token, say, devices)
     with contextlib.ExitStack() as stack:
         if transport == "grpc":
             server, port, _ = start_server(coordinator, "127.0.0.1:0")
@@ -92,6 +99,8 @@ def _run_clients(cfg: Config, coordinator: Coordinator, run: RunDir, aggregator:
     logs.mkdir(exist_ok=True)
     processes: list[subprocess.Popen] = []
     driver = threading.Thread(target=coordinator.run, name="gefl-coordinator", daemon=True)
+    devices = coordinator.loop.devices if coordinator.loop is not None else None
+    tier_of = devices.tier_of if devices is not None else cfg.tier_of
     with tempfile.TemporaryDirectory(prefix="gefl-shards-") as shards:
         p = cfg.partition
         write_split(cfg.dataset, cfg.num_clients, Path(shards), kind=p.kind, samples_per_client=p.samples_per_client,
@@ -107,7 +116,7 @@ def _run_clients(cfg: Config, coordinator: Coordinator, run: RunDir, aggregator:
                 log = logs / f"{name}.log"
                 with open(log, "w") as f:
                     processes.append(subprocess.Popen(
-                        _client_command(aggregator, Path(shards) / name, cfg.tier_of(c), name, Path(shards) / "state"),
+                        _client_command(aggregator, Path(shards) / name, tier_of(c), name, Path(shards) / "state"),
                         stdout=f, stderr=subprocess.STDOUT, env=env))
                 _wait_registered(coordinator, c + 1, processes[-1], log)
             while driver.is_alive():

@@ -97,7 +97,7 @@ class MqttBridge:
         self.coordinator = coordinator
         self.say = say
         self._log_drop = m.LogLimiter(say)
-        self.topics = m.Topics(m.check_federation(url.federation or coordinator.logic.federation))
+        self.topics = m.Topics(m.check_federation(url.federation or coordinator.admission.federation))
         self.url = m.BrokerUrl(url.host, url.port, url.tls, self.topics.federation)
         self._session = secrets.token_hex(4)
         """Task ids are session:serial, so a client never mistakes a new task for one it has done,

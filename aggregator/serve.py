@@ -19,14 +19,17 @@ from pathlib import Path
 
 from gefl.aggregator.coordinator import Coordinator, Settings
 from gefl.aggregator.grpc_server import SERVICE, TlsFiles, start_server
-from gefl.aggregator.training_logic import TrainingLogic
 
+from gefl.checkpoint import CHECKPOINT
 from gefl.config import Config
 from gefl.data import load_dataset
+from gefl.device_sim import DeviceSimulation
 from gefl.errors import GeflError
+from gefl.loop import RoundLoop
 from gefl.mqtt import BrokerUrl, MqttAuth
 from gefl.protocol import check_plaintext
 from gefl.rundir import RunDir
+from gefl.training_logic import TrainingLogic
 
 TOKEN_FILE = "enrolment-token"
 
@@ -55,12 +58,25 @@ def enrolment_token(state_dir: Path, given: str | None, say: Callable[[str], Non
     return token
 
 
-def build_coordinator(cfg: Config, state_dir: Path, token: str | None, say: Callable[[str], None]) -> Coordinator:
-    """The coordinator of a training federation on `state_dir`, resumed from its checkpoint if it has one."""
+def build_coordinator(cfg: Config, state_dir: Path, token: str | None, say: Callable[[str], None],
+                      devices: DeviceSimulation | None = None) -> Coordinator:
+    """The coordinator of a training federation on `state_dir` and the round loop that drives it,
+    resumed from its checkpoint if it has one. `devices`: a simulated device clock (`gefl simulate
+    --devices --transport ...`), never on a real federation's aggregator."""
     run = RunDir.resume_or_create(state_dir, cfg)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)  # the test set, for evaluation
-    logic = TrainingLogic(cfg, dataset, run, say)
-    return Coordinator(logic, settings_for(cfg), enrolment_token(run.path, token, say), run.path, say)
+    extras = {"transport": "network"}
+    logic = TrainingLogic(cfg, dataset, run, say=say, extras=lambda: {
+        **extras, **({"devices": devices.summary()} if devices is not None else {})})
+    settings = settings_for(cfg)
+    coordinator = Coordinator(logic, settings, enrolment_token(run.path, token, say), say)
+    coordinator.loop = RoundLoop(logic, coordinator, num_clients=cfg.num_clients, quorum=settings.min_clients,
+                                 client_fraction=cfg.client_fraction, seed=cfg.seed, eval_every=cfg.eval.every,
+                                 checkpoint_path=run.path / CHECKPOINT, devices=devices,
+                                 train_epochs=cfg.train.local_epochs, generator_epochs=cfg.gefl.generator.local_epochs,
+                                 say=say)
+    coordinator.on_registry_change = coordinator.loop.save_checkpoint
+    return coordinator
 
 
 @dataclass(frozen=True)

@@ -156,11 +156,11 @@ def corpus_inputs(t: ModuleType) -> dict[str, dict[str, bytes]]:
     checkpoints = {}
     for label, coordinator in (("valid-before-generator", t.checkpoint_logic()),
                                ("valid-generator-phase", generator.coordinator)):
-        coordinator._save_checkpoint()
-        checkpoints[label] = (coordinator.state_dir / "checkpoint.safetensors").read_bytes()
+        coordinator.loop.save_checkpoint()
+        checkpoints[label] = coordinator.loop.checkpoint_path.read_bytes()
 
     # generator files, as a run directory stores them, of three families with tiny options
-    logic = generator.coordinator.logic
+    logic = generator.coordinator.loop.logic
     generators = {}
     for family, options in (("cvae-f", {"widths": [4, 8], "latent": 4, "prior_components": 2}),
                             ("dcgan-f", {"noise": 8, "g_widths": [4, 4], "d_widths": [4, 4, 4]}),

@@ -54,8 +54,9 @@ from gefl.errors import GeflError
 from gefl.federation import Phase
 
 if TYPE_CHECKING:
+    from gefl.algorithms import ClientResult
     from gefl.federation import RoundInfo
-    from gefl.protocol import RegisterRequest, UploadHeader
+    from gefl.protocol import RegisterRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -113,15 +114,9 @@ class EchoLogic:
     def artifacts(self, info: RoundInfo, tier: str) -> dict[str, bytes]:
         return {UPLOAD: self.payload}
 
-    def upload_name(self, phase: str) -> str:
-        return UPLOAD
-
-    def upload_limit(self, info: RoundInfo, tier: str) -> int:
-        return len(self.payload) + 65536
-
-    def check(self, info: RoundInfo, client_id: int, tier: str, header: UploadHeader, payload: bytes) -> bool:
-        if hashlib.sha256(payload).hexdigest() != self.payload_sha256:
-            raise GeflError(f"client {client_id} echoed {len(payload):,} bytes that are not the "
+    def check(self, info: RoundInfo, result: ClientResult) -> bool:
+        if hashlib.sha256(result.state).hexdigest() != self.payload_sha256:
+            raise GeflError(f"client {result.client_id} echoed {len(result.state):,} bytes that are not the "
                             f"{len(self.payload):,} bytes it was sent")
         return True
 
@@ -129,13 +124,16 @@ class EchoLogic:
         self.closed[info.number] = {"results": len(results), "dropped": list(record["dropped"])}
         return ""
 
+    def record(self, record: dict) -> None:
+        pass
+
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
         return {}, {}
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict, completed: int) -> None:
         pass
 
-    def finish(self, clients: list[dict] | None = None) -> None:
+    def finish(self, clients: list[dict], wall_s: float) -> None:
         pass
 
 
@@ -185,6 +183,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from gefl.aggregator.coordinator import Coordinator, Settings
     from gefl.aggregator.grpc_server import start_server
 
+    from gefl.loop import RoundLoop
+
     log: list[tuple[float, str]] = []
 
     def say(text: str) -> None:
@@ -197,7 +197,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
     logic = EchoLogic(args.size, args.rounds)
     settings = Settings(num_clients=args.clients, min_clients=args.min_clients, round_timeout=ROUND_TIMEOUT_S,
                         heartbeat_interval=HEARTBEAT_INTERVAL_S, heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
-    coordinator = Coordinator(logic, settings, TOKEN, state_dir=None, say=say)
+    coordinator = Coordinator(logic, settings, TOKEN, say=say)
+    coordinator.loop = RoundLoop(logic, coordinator, num_clients=args.clients, quorum=args.min_clients, say=say)
     if args.transport == "mqtt":  # the bridge to the broker the parent started on --port
         from gefl.aggregator.mqtt_bridge import MqttBridge
 

@@ -90,6 +90,8 @@ class ClientRuntime:
         """Rounds whose result the aggregator refused for what it holds (a rerun of the same round
         would compute the same result from the same task seed and global state): not trained again."""
         self.refusal_backoff = Backoff(base=1.0, cap=30.0)
+        self._reg: Registration | None = None
+        """The latest registration (the heartbeat thread reads its interval)."""
 
     # ------------------------------------------------------------------ retries
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
@@ -125,8 +127,8 @@ class ClientRuntime:
         # loads its libraries, so no heartbeat could go out meanwhile: pay for it before registering,
         # while the aggregator does not yet count this client, and start the heartbeats right after.
         importlib.import_module("gefl.algorithms")
-        reg = self._register(request)
-        heartbeat = threading.Thread(target=self._heartbeats, args=(reg,), name="gefl-heartbeat", daemon=True)
+        reg = self._reg = self._register(request)
+        heartbeat = threading.Thread(target=self._heartbeats, name="gefl-heartbeat", daemon=True)
         heartbeat.start()
         try:
             cfg, split, algorithm, num_classes = self._prepare(reg, images, labels, classes)
@@ -134,7 +136,15 @@ class ClientRuntime:
                 try:
                     task = self._retrying("fetch task", lambda: self.transport.fetch_task(opts.poll_s))
                 except Unauthenticated:
-                    reg = self._register(request)
+                    new = self._reg = self._register(request)
+                    if (new.federation, new.config_yaml) != (reg.federation, reg.config_yaml):
+                        # An aggregator that forgot this client may serve another run now: its config,
+                        # dataset and algorithm are what the next tasks need, not the first registration's.
+                        self.say(f"federation {new.federation!r} runs another config than the one this client "
+                                 "trained for; taking it")
+                        cfg, split, algorithm, num_classes = self._prepare(new, images, labels, classes)
+                        self._refused_rounds.clear()
+                    reg = new
                     continue
                 if task.status == FINISHED:
                     self.say(f"the run is finished; this client trained {self.rounds_trained} round(s)")
@@ -183,11 +193,13 @@ class ClientRuntime:
         split = client_split(images, labels, classes, num_classes, self.options.data_dir)
         return cfg, split, make_algorithm(cfg), num_classes
 
-    def _heartbeats(self, reg: Registration) -> None:
+    def _heartbeats(self) -> None:
+        """Heartbeats at the interval of the latest registration (an aggregator registered with
+        again may ask for another one)."""
         backoff = Backoff()
         while not self.stop.is_set():
             try:
-                self.transport.heartbeats(reg.heartbeat_interval_s, self.stop)
+                self.transport.heartbeats(self._reg.heartbeat_interval_s if self._reg else 2.0, self.stop)
                 return
             except (Unavailable, Refused):
                 self.stop.wait(backoff.next_delay())

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "list_algorithms": "gefl.algorithms", "make_algorithm": "gefl.algorithms", "register_algorithm": "gefl.algorithms",
     "Config": "gefl.config", "load_config": "gefl.config",
     "list_datasets": "gefl.data", "load_dataset": "gefl.data", "register_dataset": "gefl.data",
     "GeflError": "gefl.errors",

@@ -9,19 +9,21 @@ restart at any time and a simulated client can run in any worker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gefl.aggregation import StateDict, Update, fedavg, lg_fedavg, nonfinite_entries, per_architecture
-from gefl.config import Config
 from gefl.data import IMAGE_SIZE, Split, public_images
-from gefl.errors import GeflError, unknown_name
-from gefl.federation import Phase, RoundInfo
+from gefl.errors import GeflError
+from gefl.federation import GENERATOR, HEAD, TRAIN, WARMUP, ClientResult, ClientTask, Phase, RoundInfo
 from gefl.generators import FEATURE, IMAGE, STATS_PREFIX, Generator, build_generator
 from gefl.generators.cvae import statistics_problem
 from gefl.models import FE_CHANNELS, TierNet, get_model
 from gefl.optim import Adam
+from gefl.registry import Registry
+from gefl.schema import Config
 from gefl.training import (
     distil,
     extract_features,
@@ -32,41 +34,6 @@ from gefl.training import (
     train_on_generated,
 )
 from gefl.wire import decode_state, encode_state
-
-WARMUP, TRAIN, GENERATOR, HEAD = "warmup", "train", "generator", "head"
-
-
-@dataclass(frozen=True)
-class ClientTask:
-    """What a client receives for one round. Weights travel encoded, as they would on the wire."""
-
-    round: int
-    phase: str
-    client_id: int
-    tier: str
-    seed: int
-    model: bytes
-    generator: bytes | None = None
-    teachers: bytes | None = None
-    """AvgKD: the other tiers' models, as one state dict with keys '<tier>/<entry>'."""
-
-    @classmethod
-    def from_artifacts(cls, round: int, phase: str, client_id: int, tier: str, seed: int,
-                       artifacts: dict[str, bytes]) -> ClientTask:
-        """A task from the artifacts `Algorithm.round_artifacts` made for the client's tier."""
-        return cls(round, phase, client_id, tier, seed, artifacts["model"], artifacts.get("generator"),
-                   artifacts.get("teachers"))
-
-
-@dataclass(frozen=True)
-class ClientResult:
-    client_id: int
-    tier: str
-    phase: str
-    state: bytes
-    """The trained tier model, or the trained generator in the generator phase."""
-    num_samples: int
-    loss: float
 
 
 @dataclass
@@ -458,13 +425,42 @@ class GeFLF(GeneratorAlgorithm):
         return super().aggregate(phase, state, results)
 
 
-ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, AvgKD, FedDF, LGFedAvg, GeFL, GeFLF)}
-GENERATOR_LEVEL: dict[str, str] = {GeFL.name: IMAGE, GeFLF.name: FEATURE}
-"""Which generator families each generator-based algorithm takes."""
+AlgorithmFactory = Callable[[Config], Algorithm]
+"""Builds an algorithm for a run's config; an `Algorithm` subclass is one."""
+
+ALGORITHMS: Registry[AlgorithmFactory] = Registry("algorithm")
+
+
+def register_algorithm(name: str, factory: AlgorithmFactory) -> None:
+    """Add an algorithm that configs may name (`algorithm: NAME`): `factory(cfg)` returns an
+    `Algorithm`, typically `factory` is a subclass of one of the classes here. A subclass of
+    `GeneratorAlgorithm` takes generator families of its `level` (see `generator_level`).
+    Registering a name of your own again replaces that algorithm; a built-in name is refused.
+
+    Clients that run in worker processes or on other machines need the same registration in
+    the code they import, as for a user's own tiers."""
+    if not callable(factory):
+        raise GeflError(f"algorithm {name!r}: the factory must be callable (an Algorithm subclass), got {factory!r}")
+    ALGORITHMS.register(name, factory)
+
+
+def list_algorithms() -> list[str]:
+    """Registered algorithm names, the built-in ones first."""
+    return ALGORITHMS.names()
+
+
+def generator_level(name: str) -> str | None:
+    """IMAGE or FEATURE: which generator families algorithm `name` takes; None if it trains no generator."""
+    factory = ALGORITHMS.get(name)
+    if isinstance(factory, type) and issubclass(factory, GeneratorAlgorithm):
+        return factory.level or None
+    return getattr(factory, "level", None) or None
 
 
 def make_algorithm(cfg: Config) -> Algorithm:
-    cls = ALGORITHMS.get(cfg.algorithm)
-    if cls is None:
-        raise unknown_name("algorithm", cfg.algorithm, ALGORITHMS)
-    return cls(cfg)
+    return ALGORITHMS.get(cfg.algorithm)(cfg)
+
+
+for _algorithm in (FedAvg, FedProx, AvgKD, FedDF, LGFedAvg, GeFL, GeFLF):
+    register_algorithm(_algorithm.name, _algorithm)
+ALGORITHMS.seal_builtins()

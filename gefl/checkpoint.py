@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # the aggregator's coordinator writes checkpoints without imp
     from gefl.algorithms import Algorithm, GlobalState
 
 CHECKPOINT = "checkpoint.safetensors"
-FORMAT = 2
+FORMAT = 3
+"""3: one layout for `gefl simulate` and the aggregator (the round loop's: completed, elapsed_s, logic, clock,
+clients); 2 had one per side."""
 
 
 def digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -95,7 +97,9 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         raise GeflError(f"the checkpoint {path} is malformed (its metadata is not an object); restore it from a "
                         "backup, or move it away to start afresh")
     if meta.get("format") != FORMAT:
-        raise GeflError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT}")
+        raise GeflError(f"{path} has checkpoint format {meta.get('format')}, this gefl-edge reads format {FORMAT}: "
+                        "finish the run with the gefl-edge that started it, or move the checkpoint away to start "
+                        "afresh")
     arrays = decode_arrays(path.read_bytes())
     stored = meta.pop("sha256", None)
     if stored is None or not hmac.compare_digest(str(stored), digest(arrays, meta)):

@@ -49,9 +49,6 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.transport in ("grpc", "mqtt"):
         from gefl.aggregator.local_federation import simulate_over_network
 
-        if cfg.devices is not None:
-            raise GeflError("--devices simulates device speeds in one process; it does not combine with "
-                            f"--transport {args.transport}, whose clients are real processes")
         simulate_over_network(cfg, args.transport, broker=args.broker, out=args.out)
     else:
         from gefl.simulation import simulate
@@ -156,8 +153,8 @@ def _mqtt_auth(user: str | None, ca: str | None, cert: str | None, key: str | No
 
 
 def _client_run(args: argparse.Namespace) -> int:
+    from gefl.edge_client.connect import open_transport
     from gefl.edge_client.runtime import ClientOptions, ClientRuntime
-    from gefl.edge_client.transport import open_transport
 
     token = _token(args)
     if not token:

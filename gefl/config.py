@@ -1,6 +1,6 @@
-"""Run configuration: nested dataclasses, read from YAML, every key checked.
+"""Run configuration: nested dataclasses (defined in gefl.schema), read from YAML, every key checked.
 
-A config file only states what differs from the defaults below. An unknown key, a value of the
+A config file only states what differs from the defaults in gefl.schema. An unknown key, a value of the
 wrong type or an out-of-range value fails with the dotted key path named, because a silently
 ignored typo ("local_epoch: 1") would produce a quietly wrong experiment.
 """
@@ -10,141 +10,34 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gefl.errors import GeflError
-from gefl.models import PAPER_TIERS
+from gefl.algorithms import ALGORITHMS, generated_shape, generator_level
+from gefl.data import PARTITIONS, list_datasets
+from gefl.errors import GeflError, unknown_name
+from gefl.generators import build_generator, generator_options, list_generators
+from gefl.models import list_tiers
+from gefl.schema import (
+    AggregationConfig,
+    Config,
+    EvalConfig,
+    FedDFConfig,
+    GeflConfig,
+    GeneratorConfig,
+    NetworkConfig,
+    PartitionConfig,
+    TrainConfig,
+)
 
-
-@dataclass
-class PartitionConfig:
-    kind: str = "iid"
-    """iid | dirichlet | shards"""
-    samples_per_client: int | None = 600
-    """Images per client drawn from the training set (the paper: 600); null = the whole set."""
-    alpha: float = 0.3
-    shards_per_client: int = 2
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    local_epochs: int = 5
-    prox_mu: float = 0.01
-    """FedProx's mu; the other algorithms ignore it."""
-
-
-@dataclass
-class GeneratorConfig:
-    family: str = "cvae-f"
-    """A registered family (`gefl list`): feature-level (-f) for gefl-f, image-level for gefl."""
-    preset: str | None = "small"
-    options: dict[str, Any] = field(default_factory=dict)
-    """Family-specific overrides of the preset, for example {widths: [16, 32, 64], latent: 8}."""
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam's betas (DCGAN trains with [0.5, 0.999])."""
-    local_epochs: int = 5
-    wire_dtype: str = "float16"
-    """How generator weights travel, both ways: float16 halves the bytes; the aggregator averages
-    and keeps them in float32."""
-
-
-@dataclass
-class GeflConfig:
-    """The generator-based algorithms' schedule (gefl-f: warm-up, generator, head; gefl: generator, train)."""
-
-    warmup_rounds: int = 20
-    generator_rounds: int = 100
-    generated_passes: int = 1
-    """Passes over generated data before the local epochs on real data, per round (each pass as
-    many batches as the client's data)."""
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-
-
-@dataclass
-class FedDFConfig:
-    """FedDF's server-side distillation (the other algorithms ignore it)."""
-
-    public_dataset: str | None = None
-    """Where the unlabelled public images come from: null = the federation's own dataset, from the
-    training images its partition gives to no client; or another dataset's training images."""
-    public_size: int = 5000
-    steps: int = 100
-    """Adam steps per architecture per round, one batch of public images each."""
-    lr: float = 1e-3
-    temperature: float = 1.0
-
-
-@dataclass
-class AggregationConfig:
-    weighted: bool = True
-    """Weight client updates by their sample counts; the paper averages unweighted."""
-
-
-@dataclass
-class EvalConfig:
-    every: int = 10
-    """Evaluate at round 1 of each training phase, every k-th round, and the phase's last."""
-    batch_size: int = 1000
-
-
-@dataclass
-class NetworkConfig:
-    """How a networked aggregator (`gefl aggregator serve`) runs rounds; the simulator ignores it."""
-
-    min_clients: int | None = None
-    """The quorum: the first round starts once this many clients are registered, and a round counts
-    only with this many results (fewer by the deadline: the round runs again). null = num_clients."""
-    round_timeout: float = 600.0
-    """Seconds a round waits for results; a client that is slower is left out of that round."""
-    heartbeat_interval: float = 2.0
-    heartbeat_timeout: float = 20.0
-    """A client silent this long (no heartbeat, no call) is counted offline and not waited for.
-    Generous, because a slow board under load must never be taken for a dead one; a dead one is
-    noticed at once anyway, when its connection closes (gRPC stream, MQTT last will)."""
-
-
-@dataclass
-class Config:
-    name: str = "run"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    seed: int = 0
-    algorithm: str = "gefl-f"
-    """fedavg | fedprox | lg-fedavg | avgkd | feddf | gefl | gefl-f"""
-    num_clients: int = 10
-    tiers: list[str] = field(default_factory=lambda: list(PAPER_TIERS))
-    """Client i trains tiers[i % len(tiers)]."""
-    client_fraction: float = 1.0
-    rounds: int = 50
-    """Classifier rounds: all rounds for the baselines, head rounds (after warm-up) for gefl-f."""
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    gefl: GeflConfig = field(default_factory=GeflConfig)
-    feddf: FedDFConfig = field(default_factory=FedDFConfig)
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    workers: int | None = None
-    """Processes training clients in parallel; null = one per CPU core (capped by clients)."""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-
-    devices: str | None = None
-    """A devices file (configs/devices.yaml): each client gets a device profile from its mix, picks its
-    tier by the device policy, and the run keeps a simulated clock with deadlines and stragglers."""
-
-    def tier_of(self, client_id: int) -> str:
-        return self.tiers[client_id % len(self.tiers)]
+__all__ = [
+    "AggregationConfig", "Config", "EvalConfig", "FedDFConfig", "GeflConfig", "GeneratorConfig", "NetworkConfig",
+    "PartitionConfig", "TrainConfig", "apply_overrides", "config_from_dict", "config_from_yaml", "load_config",
+    "parse_override", "to_dict", "validate",
+]
+"""The dataclasses live in gefl.schema (below the registries this module checks names against)."""
 
 
 # --------------------------------------------------------------------------- conversion
@@ -222,15 +115,9 @@ def _positive(key: str, value: float) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Range checks and name checks that need the registries."""
-    from gefl.algorithms import ALGORITHMS, GENERATOR_LEVEL, generated_shape
-    from gefl.data import PARTITIONS, list_datasets
-    from gefl.errors import unknown_name
-    from gefl.generators import build_generator, generator_options, list_generators
-    from gefl.models import list_tiers
-
-    if cfg.algorithm not in ALGORITHMS:
-        raise unknown_name("algorithm", cfg.algorithm, ALGORITHMS)
+    """Range checks and name checks against the registries (a user's own tiers, datasets,
+    generator families and algorithms included)."""
+    ALGORITHMS.get(cfg.algorithm)  # raises, listing the registered algorithms
     if cfg.dataset not in list_datasets():
         raise unknown_name("dataset", cfg.dataset, list_datasets())
     if not cfg.tiers:
@@ -243,8 +130,8 @@ def validate(cfg: Config) -> Config:
     if cfg.feddf.public_dataset is not None and cfg.feddf.public_dataset not in list_datasets():
         raise unknown_name("dataset", cfg.feddf.public_dataset, list_datasets())
     gen = cfg.gefl.generator
-    if cfg.algorithm in GENERATOR_LEVEL:
-        level = GENERATOR_LEVEL[cfg.algorithm]
+    level = generator_level(cfg.algorithm)
+    if level is not None:
         if gen.family not in list_generators(level):
             raise GeflError(f"unknown {level}-level generator family {gen.family!r} (gefl.generator.family); "
                             f"{cfg.algorithm} takes one of: {', '.join(list_generators(level))}")

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from gefl.errors import GeflError, unknown_name
+from gefl.registry import Registry
 
 if TYPE_CHECKING:
-    from gefl.config import Config
+    from gefl.schema import Config
 
 IMAGE_SIZE = 32
 MEAN, STD = 0.5, 0.5
@@ -151,7 +152,7 @@ class DatasetSpec:
     how_to_get: str
 
 
-_DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(
@@ -159,23 +160,19 @@ def register_dataset(
 ) -> None:
     """Add a dataset. `load(data_dir)` returns uint8 arrays (train_x, train_y, test_x, test_y),
     images shaped (N, C, H, W); `data_dir` is the user's --data-dir or $GEFL_DATA_DIR, or None.
-    The arrays are resized and normalised here, like the built-in sets.
+    The arrays are resized and normalised here, like the built-in sets. Registering a name of
+    your own again replaces that dataset; a built-in dataset's name is refused (see gefl.registry).
     """
-    if name in _DATASETS:
-        raise GeflError(f"dataset {name!r} is already registered; pick another name")
-    _DATASETS[name] = DatasetSpec(name, tuple(classes), load, how_to_get)
+    DATASETS.register(name, DatasetSpec(name, tuple(classes), load, how_to_get))
 
 
 def list_datasets() -> list[str]:
-    return list(_DATASETS)
+    return DATASETS.names()
 
 
 def dataset_classes(name: str) -> list[str]:
     """A registered dataset's class names, without loading it (a client holds only its own images)."""
-    spec = _DATASETS.get(name)
-    if spec is None:
-        raise unknown_name("dataset", name, _DATASETS)
-    return list(spec.classes)
+    return list(DATASETS.get(name).classes)
 
 
 def torchvision_cache() -> Path:
@@ -260,6 +257,7 @@ register_dataset(
     "Download CIFAR-10's binary version (cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html), "
     "unpack it and pass --data-dir DIR (the directory holding cifar-10-batches-bin/) or set GEFL_DATA_DIR.",
 )
+DATASETS.seal_builtins()
 
 
 # --------------------------------------------------------------------------- tensors
@@ -291,9 +289,7 @@ class RawDataset:
 
 def load_raw(name: str, data_dir: str | Path | None = None) -> RawDataset:
     """Load a registered dataset's uint8 arrays, looked up as `load_dataset` documents."""
-    spec = _DATASETS.get(name)
-    if spec is None:
-        raise unknown_name("dataset", name, _DATASETS)
+    spec = DATASETS.get(name)
     directory = Path(data_dir) if data_dir is not None else None
     if directory is not None and not directory.is_dir():
         raise GeflError(f"--data-dir {directory} does not exist or is not a directory. {spec.how_to_get}")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from gefl.algorithms import Algorithm, GeneratorAlgorithm
 from gefl.devices import (
     Catalogue,
     DeviceProfile,
@@ -28,6 +30,10 @@ from gefl.devices import (
     transfer_s,
 )
 from gefl.errors import GeflError
+
+if TYPE_CHECKING:
+    from gefl.config import Config
+    from gefl.data import Dataset
 
 
 @dataclass
@@ -143,3 +149,19 @@ def format_device_summary(summary: dict) -> str:
         rows.append(f"{name:<18}{d['clients']:>8}  {','.join(d['tiers']):<20}{d['median_round_s'] or 0:>9.1f}"
                     f"{d['max_round_s'] or 0:>8.1f}{d['stragglers']:>6}/{d['client_rounds']:<5}")
     return "\n".join(rows)
+
+
+def simulated_devices(cfg: Config, dataset: Dataset, algorithm: Algorithm) -> DeviceSimulation | None:
+    """The device mix `cfg.devices` names (None without one), with the generator's training cost
+    measured when the algorithm trains one: what `gefl simulate --devices` runs its clock on, with
+    in-process clients or over a network transport alike."""
+    if cfg.devices is None:
+        return None
+    per_client = cfg.partition.samples_per_client or len(dataset.train) // max(cfg.num_clients, 1)
+    devices = DeviceSimulation(cfg.devices, list(cfg.tiers), per_client * cfg.train.local_epochs)
+    if isinstance(algorithm, GeneratorAlgorithm):
+        generator = algorithm.new_generator(dataset.in_channels, dataset.num_classes)
+        shape = algorithm.generator_shape(dataset.in_channels)
+        devices.generator_mflops = training_mflops_per_sample(
+            generator, lambda g, b: g.loss(torch.rand(b, *shape), torch.randint(0, dataset.num_classes, (b,))))
+    return devices

@@ -14,7 +14,8 @@ class GeflError(Exception):
     """An error caused by input the user can fix; the message says what and how."""
 
 
-def unknown_name(kind: str, name: object, valid: Iterable[str]) -> GeflError:
-    """The one wording for 'no such X' so every registry fails the same way."""
+def unknown_name(kind: str, name: object, valid: Iterable[str], plural: str | None = None) -> GeflError:
+    """The one wording for 'no such X' so every registry fails the same way; `plural` where
+    adding an "s" to `kind` is wrong ("generator families")."""
     choices = ", ".join(sorted(valid))
-    return GeflError(f"unknown {kind} {name!r}; valid {kind}s are: {choices}")
+    return GeflError(f"unknown {kind} {name!r}; valid {plural or kind + 's'} are: {choices}")

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -39,6 +40,16 @@ class WorkerContext:
         model = get_model(tier, self.test.images.shape[1], self.num_classes).to(self.test.images.device)
         model.load_state_dict(decode_state(state))
         return accuracy(model, self.test.images, self.test.labels, self.eval_batch_size)
+
+
+class Executor(Protocol):
+    """Where client tasks and evaluations run."""
+
+    def run(self, tasks: list[ClientTask]) -> list[ClientResult]: ...
+
+    def evaluate(self, models: dict[str, bytes]) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
 
 
 class LocalExecutor:
@@ -107,7 +118,7 @@ def default_workers(num_clients: int) -> int:
     return max(1, min(os.cpu_count() or 1, num_clients))
 
 
-def make_executor(ctx: WorkerContext, workers: int, device: torch.device) -> LocalExecutor | ProcessExecutor:
+def make_executor(ctx: WorkerContext, workers: int, device: torch.device) -> Executor:
     """A pool on CPU when more than one worker is asked for and fork exists; else in-process."""
     if workers > 1 and device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods():
         return ProcessExecutor(ctx, workers)

@@ -1,6 +1,7 @@
-"""The federation's state machine: phases, rounds, who takes part, which results count.
+"""The federation's state machine: phases, rounds, who takes part, which results count; and the
+task a client gets and the result it sends back, weights as encoded bytes.
 
-It holds no weights and knows no transport. The simulation drives it in-process; an aggregator
+It imports no torch and knows no transport. The simulation drives it in-process; an aggregator
 service drives the same object from network callbacks. A round is opened, results are submitted
 by client id for that round id, and the round is closed; anything that does not belong to the
 open round is refused with a reason, so late or duplicate results can never be counted.
@@ -35,6 +36,42 @@ class RoundInfo:
     participants: tuple[int, ...]
     evaluate: bool
     """Evaluate the classifiers after this round: phase round 1, every k-th and the phase's last."""
+
+
+WARMUP, TRAIN, GENERATOR, HEAD = "warmup", "train", "generator", "head"
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What a client receives for one round. Weights travel encoded, as they would on the wire."""
+
+    round: int
+    phase: str
+    client_id: int
+    tier: str
+    seed: int
+    model: bytes
+    generator: bytes | None = None
+    teachers: bytes | None = None
+    """AvgKD: the other tiers' models, as one state dict with keys '<tier>/<entry>'."""
+
+    @classmethod
+    def from_artifacts(cls, round: int, phase: str, client_id: int, tier: str, seed: int,
+                       artifacts: dict[str, bytes]) -> ClientTask:
+        """A task from the artifacts `Algorithm.round_artifacts` made for the client's tier."""
+        return cls(round, phase, client_id, tier, seed, artifacts["model"], artifacts.get("generator"),
+                   artifacts.get("teachers"))
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    client_id: int
+    tier: str
+    phase: str
+    state: bytes
+    """The trained tier model, or the trained generator in the generator phase."""
+    num_samples: int
+    loss: float
 
 
 def task_seed(seed: int, round_number: int, client_id: int) -> int:

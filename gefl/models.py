@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gefl.errors import GeflError, unknown_name
+from gefl.registry import Registry
 
 FE_CHANNELS = 3
 """Channels of the FE's output; with 32x32 input the features are 3x16x16."""
@@ -78,30 +78,31 @@ class TierSpec:
     description: str = ""
 
 
-_TIERS: dict[str, TierSpec] = {}
+TIERS: Registry[TierSpec] = Registry("tier")
 
 
 def register_tier(name: str, make_head: HeadFactory, description: str = "") -> None:
     """Add a tier. Its network will be the common FE followed by `make_head(num_classes)`.
 
     The head sees FE features (N, 3, 16, 16), never images, which is what lets it learn from
-    generated features in GeFL-F.
+    generated features in GeFL-F. Registering a name of your own again replaces that tier; a
+    built-in tier's name is refused (see gefl.registry).
     """
-    if name in _TIERS:
-        raise GeflError(f"tier {name!r} is already registered; pick another name")
-    _TIERS[name] = TierSpec(name, make_head, description)
+    TIERS.register(name, TierSpec(name, make_head, description))
 
 
 def list_tiers() -> list[str]:
     """Registered tier names, the paper's ten first in the paper's order."""
-    return list(_TIERS)
+    return TIERS.names()
+
+
+def tier_spec(name: str) -> TierSpec:
+    return TIERS.get(name)
 
 
 def get_model(name: str, in_channels: int = 1, num_classes: int = 10) -> TierNet:
     """A fresh, randomly initialised network of tier `name`."""
-    spec = _TIERS.get(name)
-    if spec is None:
-        raise unknown_name("tier", name, _TIERS)
+    spec = TIERS.get(name)
     return TierNet(FeatureExtractor(in_channels), spec.make_head(num_classes), name)
 
 
@@ -166,3 +167,4 @@ names them in `tiers` to use them."""
 
 register_tier("mobilenet-v3-small", _mobilenet_v3_small_head, "torchvision MobileNetV3-Small, stride-1 stem (opt-in)")
 register_tier("resnet18", _resnet18_head, "torchvision ResNet-18, 3x3 stride-1 conv1, no max-pool (opt-in)")
+TIERS.seal_builtins()

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gefl.config import TrainConfig
 from gefl.generators import Generator
 from gefl.optim import SGD, Adam
+from gefl.schema import TrainConfig
 
 
 def sgd(module: nn.Module, cfg: TrainConfig) -> SGD:

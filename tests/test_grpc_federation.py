@@ -48,6 +48,30 @@ def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp
     best = {t: s["best_acc"] for t, s in local["tiers"].items()}
     assert {t: s["best_acc"] for t, s in remote["tiers"].items()} == best
     assert remote["bytes_per_client_per_round"] == local["bytes_per_client_per_round"]
+
+
+def test_the_simulated_device_clock_drops_the_same_stragglers_over_grpc(tmp_path):
+    """The device clock is the round loop's, not the in-process grid's: a device mix over gRPC picks the
+    same tiers, drops the same late results and computes the same rounds as in-process."""
+    import yaml
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({
+        "profiles": {"fast": {"memory_available_mb": 8000, "train_samples_per_s": 20000},
+                     "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
+        "policy": {"deadline_s": 1.0}, "mix": {"fast": 2, "slow": 1}}))
+    cfg = {**SHORT, "algorithm": "fedavg", "tiers": ["cnn2", "cnn3"], "rounds": 2, "devices": str(mix)}
+    local = simulate(cfg, out=tmp_path / "local", progress=None)
+    from gefl.aggregator.local_federation import simulate_over_network
+
+    remote = simulate_over_network(config_from_dict(cfg), "grpc", out=tmp_path / "grpc", progress=None)
+    fields = ("round", "participants", "stragglers", "contributors", "simulated_s")
+    records = [{k: m.get(k) for k in fields} for m in read_metrics(tmp_path / "local")]
+    assert any(r["stragglers"] for r in records), records  # the slow device really missed the deadline
+    assert [{k: m.get(k) for k in fields} for m in read_metrics(tmp_path / "grpc")] == records
+    losses = [m["loss"] for m in read_metrics(tmp_path / "local")]
+    assert [m["loss"] for m in read_metrics(tmp_path / "grpc")] == pytest.approx(losses, rel=1e-5)
+    assert remote["devices"]["device_classes"] == local["devices"]["device_classes"]
     assert [c["num_samples"] for c in json.loads((tmp_path / "grpc" / "partition.json").read_text())] == [200] * 3
 
 

@@ -48,7 +48,7 @@ class Aggregator:
         return f"127.0.0.1:{self.port}"
 
     def state_bytes(self) -> bytes:
-        return encode_state(self.coordinator.logic.state.models["cnn2"])
+        return encode_state(self.coordinator.loop.logic.state.models["cnn2"])
 
     def stop(self) -> None:
         self.coordinator.stopping.set()
@@ -478,7 +478,7 @@ def test_a_bug_in_the_aggregator_is_not_reported_to_the_device_as_its_fault(tmp_
     def broken(request):
         raise ZeroDivisionError("a bug in the tier policy")
 
-    agg.coordinator.logic.choose_tier = broken
+    agg.coordinator.loop.logic.choose_tier = broken
     try:
         with pytest.raises(Unavailable, match="UNKNOWN"):
             _register(GrpcClientTransport(agg.address, TOKEN))

@@ -50,8 +50,12 @@ def test_registering_a_custom_tier_builds_it_behind_the_common_fe():
     model = get_model("test-mlp")
     assert count_parameters(model) == 36 + 768 * 10 + 10
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
-    with pytest.raises(GeflError, match="already registered"):
-        register_tier("test-mlp", lambda n: nn.Identity())
+    # a user's own tier registered again is replaced
+    register_tier("test-mlp", lambda n: nn.Sequential(nn.Flatten(), nn.Linear(768, n, bias=False)))
+    assert count_parameters(get_model("test-mlp")) == 36 + 768 * 10
+    assert list_tiers().count("test-mlp") == 1
+    with pytest.raises(GeflError, match="tier 'cnn3' is built in; pick another name"):
+        register_tier("cnn3", lambda n: nn.Identity())
 
 
 # --------------------------------------------------------------------------- the opt-in torchvision tiers

@@ -59,7 +59,7 @@ class Aggregator:
     def metrics(self, round_number: int) -> dict | None:
         import json
 
-        path = self.coordinator.state_dir / "metrics.jsonl"
+        path = self.coordinator.loop.logic.run.path / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         return next((r for r in map(json.loads, lines) if r["round"] == round_number), None)
 
@@ -171,7 +171,7 @@ def test_upload_counted_once_despite_redelivered_chunks_and_a_resend_and_late_jo
                        key=lambda hd: hd[0]["index"])
         received = b"".join(data for _, data in parts)
         assert sha256(received) == entry["sha256"]
-        assert received == encode_state(agg.coordinator.logic.state.generator)  # the global generator itself
+        assert received == encode_state(agg.coordinator.loop.logic.state.generator)  # the global generator itself
         assert elapsed < 2.0
         joiner.close()
     finally:
@@ -180,7 +180,7 @@ def test_upload_counted_once_despite_redelivered_chunks_and_a_resend_and_late_jo
 
 
 def _global(agg: Aggregator) -> bytes:
-    return encode_state(agg.coordinator.logic.state.models["cnn2"])
+    return encode_state(agg.coordinator.loop.logic.state.models["cnn2"])
 
 
 def test_bad_messages_on_every_topic_are_dropped_and_leave_the_global_state_untouched(tmp_path, broker):

@@ -82,7 +82,7 @@ def test_a_killed_simulation_resumes_to_the_uninterrupted_result(tmp_path, kind)
     resumed = _gefl("--resume", str(stopped))
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
-    assert f"resuming {stopped} after round" in out
+    assert "resuming after round" in out
     assert "round   1/" not in out, "the resumed run started over instead of going on from its checkpoint"
     _same_weights(whole, stopped)
     assert _comparable(whole) == _comparable(stopped)

@@ -63,6 +63,7 @@ from gefl.config import config_from_dict, config_from_yaml
 from gefl.data import dataset_classes, list_datasets
 from gefl.errors import GeflError
 from gefl.image_folder import IMAGE_SUFFIXES, read_image_folder
+from gefl.loop import RoundLoop, upload_name
 from gefl.protocol import ArtifactRef, RegisterRequest, UploadHeader
 from gefl.rundir import load_generator
 from gefl.wire import CHUNK_BYTES, arrays_digest, decode_arrays, decode_state, encode_arrays, sha256
@@ -329,21 +330,16 @@ class Federation:
         self.open_round()
 
     def open_round(self) -> None:
-        """What Coordinator._run_round does before it waits: open the round, make and publish its artifacts.
-        (Private attributes: the coordinator has no public way to open a round without driving it.)"""
+        """What the round loop does before it waits: open the round, plan it, and have the coordinator
+        serve it (the loop's send_and_receive would then wait for its uploads)."""
         c = self.coordinator
         if c.federation.current is not None:
             c.federation.abandon_round()
         c.federation.completed = self.first_round - 1
         info = c.federation.open_round([0])
-        c.logic.begin_round(info)
-        artifacts = {tier: c.logic.artifacts(info, tier) for tier in {c.clients[i].tier for i in info.participants}}
-        refs = {tier: tuple(ArtifactRef(n, len(b), sha256(b)) for n, b in named.items())
-                for tier, named in artifacts.items()}
+        c.open(c.loop.plan(info), c.loop.accept(info))
         with c._cond:
-            c._artifacts, c._refs = artifacts, refs
             c._round_deadline = time.monotonic() + 3600
-            c.round_started[info.number] = time.monotonic()
 
     def reset(self) -> None:
         """Undo what an input did: registrations, tokens, liveness, a counted upload."""
@@ -356,7 +352,7 @@ class Federation:
             c._upload_sizes.clear()
             c.finished = False
         info = c.federation.current
-        if info is None or c.federation.received or info.number != self.first_round:
+        if info is None or c._results or info.number != self.first_round:
             self.open_round()
 
     def client(self, index: int) -> Client:
@@ -364,7 +360,7 @@ class Federation:
 
     @property
     def upload_name(self) -> str:
-        return self.coordinator.logic.upload_name(self.coordinator.federation.current.phase)
+        return upload_name(self.coordinator.federation.current.phase)
 
     def global_upload(self) -> bytes:
         """The open round's artifact that an upload replaces: an honest client's upload has its layout."""
@@ -867,19 +863,23 @@ def _check_names(coordinator: Coordinator) -> None:
 @_target
 def fuzz_checkpoint(data: bytes) -> None:
     """The aggregator's checkpoint, read when it starts on a state directory that has one
-    (Coordinator.__init__ -> _load_checkpoint -> TrainingLogic.restore); a damaged one must be refused."""
+    (RoundLoop.__init__ -> Coordinator.restore, TrainingLogic.restore); a damaged one must be refused."""
     base = checkpoint_logic()
     state_dir = _tmp() / "checkpoint"
     state_dir.mkdir(exist_ok=True)
     path = state_dir / checkpoint_module.CHECKPOINT
     path.write_bytes(data)
     resealed = _resealed_checkpoint(path)
+    def resume() -> None:  # a fresh coordinator each time; the logic is the one federation's, restored in place
+        RoundLoop(base.loop.logic, Coordinator(base.admission, base.settings, ENROL_TOKEN, _quiet),
+                  num_clients=base.settings.num_clients, checkpoint_path=path, say=_quiet)
+
     try:
-        Coordinator(base.logic, base.settings, ENROL_TOKEN, state_dir, _quiet)
+        resume()
     finally:
         if resealed is not None:  # and once more past the digest, as if the damage had been written so
             path.write_bytes(resealed)
-            Coordinator(base.logic, base.settings, ENROL_TOKEN, state_dir, _quiet)
+            resume()
 
 
 def _resealed_checkpoint(path: Path) -> bytes | None:

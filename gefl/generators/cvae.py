@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gefl.generators import FEATURE, IMAGE, Generator, register_generator
+from gefl.generators.base import FEATURE, IMAGE, Generator, register_generator
 
 LOGVAR_LIMIT = 10.0
 """The encoder's log-variances are clamped to +-LOGVAR_LIMIT, so a code's variance lies within

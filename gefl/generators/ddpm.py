@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gefl.generators import FEATURE, IMAGE, Generator, register_generator
+from gefl.generators.base import FEATURE, IMAGE, Generator, register_generator
 
 
 class _Block(nn.Module):

@@ -1,59 +1,62 @@
-"""The round logic of a training federation, for the coordinator: gefl's algorithm, the global
-state, evaluation on the test set and the run directory `gefl simulate` also writes.
-
-Every step is the simulator's own (gefl.algorithms, gefl.scoreboard, gefl.rundir), so a run
-over the network and the same run in-process compute the same thing.
+"""The round logic of a training federation: gefl's algorithm, the global state, evaluation on
+the test set, the scoreboard and the run directory. `gefl simulate` and the aggregator both hand
+it to the one RoundLoop (gefl.loop); only the evaluator differs (the simulation's worker pool, or
+this process on an aggregator).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
 import yaml
 
-from gefl.algorithms import GENERATOR, ClientResult, GlobalState, make_algorithm
+from gefl.algorithms import Algorithm, ClientResult, GlobalState, make_algorithm
 from gefl.checkpoint import restore_global_state, state_arrays
 from gefl.config import Config, to_dict
 from gefl.data import Dataset, Split
 from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
 from gefl.errors import GeflError
-from gefl.executor import LocalExecutor, WorkerContext
+from gefl.executor import Executor, LocalExecutor, WorkerContext
 from gefl.federation import Phase, RoundInfo
 from gefl.models import count_parameters, get_model
-from gefl.protocol import RegisterRequest, UploadHeader
+from gefl.protocol import RegisterRequest
 from gefl.rundir import RunDir
 from gefl.scoreboard import Scoreboard, format_accuracy
 from gefl.wire import encode_state
 
-UPLOAD_SLACK = 64 * 1024
-"""Bytes an upload may exceed the global artifact it updates by (safetensors header differences)."""
-
 
 class TrainingLogic:
-    def __init__(self, cfg: Config, dataset: Dataset, run: RunDir, say: Callable[[str], None] = print) -> None:
+    """The round logic of a training federation (a gefl.loop.RoundLogic).
+
+    `tiers`: the federation's tiers in the order their models are initialised (default: the
+    config's); `used`: those known to take part from the start (a simulation knows every client's),
+    else each counts from its first round. `evaluator` evaluates the global models on the test set."""
+
+    def __init__(self, cfg: Config, dataset: Dataset, run: RunDir, *, tiers: list[str] | None = None,
+                 used: list[str] | None = None, algorithm: Algorithm | None = None, evaluator: Executor | None = None,
+                 extras: Callable[[], dict] | None = None, say: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         self.dataset = dataset
         self.run = run
         self.say = say
+        self.extras = extras or (lambda: {})
+        """More keys for summary.json, asked for at the end (the simulated devices' totals)."""
         self.federation = cfg.name
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        self.algorithm = make_algorithm(cfg)
-        self.tiers = list(dict.fromkeys(cfg.tiers))
+        self.algorithm = algorithm or make_algorithm(cfg)
+        self.tiers = tiers or list(dict.fromkeys(cfg.tiers))
         self.state = self.algorithm.init_state(self.tiers, dataset.in_channels, dataset.num_classes)
         self.params = {t: count_parameters(get_model(t, dataset.in_channels, dataset.num_classes)) for t in self.tiers}
-        self.scores = Scoreboard([])
-        self.used_tiers: list[str] = []
-        self._evaluator = LocalExecutor(WorkerContext(
+        self.used_tiers: list[str] = list(used or [])
+        self.scores = Scoreboard(self._scored())
+        self._evaluator = evaluator or LocalExecutor(WorkerContext(
             self.algorithm, {}, Split(dataset.test.images, dataset.test.labels), dataset.num_classes,
             cfg.eval.batch_size))
-        self._limits: dict[str, int] = {}
         self._catalogue = load_catalogue()  # read once: --tier auto registrations consult it
         self._memory_fraction = load_profiles(DEVICES_PATH)[1].memory_fraction
-        self._round_started = time.monotonic()
-        self.started = time.monotonic()
-        self.elapsed_before = 0.0
+    def _scored(self) -> list[str]:
+        return [t for t in self.tiers if t in self.used_tiers]
 
     def phases(self) -> list[Phase]:
         return self.algorithm.phases()
@@ -79,24 +82,13 @@ class TrainingLogic:
 
     def begin_round(self, info: RoundInfo) -> None:
         self.state = self.algorithm.prepare_round(info.phase, self.state, self.dataset.num_classes)
-        self._limits = {}
-        self._round_started = time.monotonic()
 
     def artifacts(self, info: RoundInfo, tier: str) -> dict[str, bytes]:
-        out = self.algorithm.round_artifacts(info, self.state, tier)
-        self._limits[tier] = len(out[self.upload_name(info.phase)]) + UPLOAD_SLACK
         if tier not in self.used_tiers:
             self.used_tiers.append(tier)
-        return out
+        return self.algorithm.round_artifacts(info, self.state, tier)
 
-    def upload_name(self, phase: str) -> str:
-        return "generator" if phase == GENERATOR else "model"
-
-    def upload_limit(self, info: RoundInfo, tier: str) -> int:
-        return self._limits[tier]
-
-    def check(self, info: RoundInfo, client_id: int, tier: str, header: UploadHeader, payload: bytes) -> ClientResult:
-        result = ClientResult(client_id, tier, info.phase, payload, header.num_samples, header.loss)
+    def check(self, info: RoundInfo, result: ClientResult) -> ClientResult:
         self.algorithm.check_result(result, self.state)
         return result
 
@@ -107,41 +99,49 @@ class TrainingLogic:
         self.scores.add_traffic(info.phase, record["bytes"])
         text = f"  loss {record['loss']:.4f}"
         if info.evaluate:
-            tiers = [t for t in self.tiers if t in self.used_tiers]
-            self.scores.tiers = tiers
+            self.scores.tiers = self._scored()
             record.update(self.scores.record(info.number, self._evaluator.evaluate(
-                {t: encode_state(self.state.models[t]) for t in tiers})))
+                {t: encode_state(self.state.models[t]) for t in self.scores.tiers})))
             text += format_accuracy(record)
-        record["seconds"] = time.monotonic() - self._round_started
-        self.run.append_metrics(record)
         return text
+
+    def record(self, record: dict) -> None:
+        self.run.append_metrics(record)
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = state_arrays(self.state.models, self.state.generator)
-        meta = {"scores": self.scores.to_dict(), "used_tiers": self.used_tiers,
-                "elapsed_s": time.monotonic() - self.started + self.elapsed_before}
-        return arrays, meta
+        return arrays, {"scores": self.scores.to_dict(), "used_tiers": self.used_tiers}
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict, completed: int) -> None:
         self.state = restore_global_state(arrays, self.algorithm, self.state, self.dataset.in_channels,
                                           self.dataset.num_classes)
         self.scores = Scoreboard.from_dict(meta["scores"])
-        self.used_tiers = list(meta["used_tiers"])
-        self.elapsed_before = float(meta["elapsed_s"])
-        self.started = time.monotonic()
+        self.used_tiers = [str(t) for t in meta["used_tiers"]]
         self.run.truncate_metrics(completed)
 
-    def finish(self, clients: list[dict]) -> None:
-        tiers = [t for t in self.tiers if t in self.used_tiers] or self.tiers
+    def summary(self, wall_s: float) -> dict:
+        """The run's summary.json: per-tier accuracy, traffic, the wall time `wall_s`."""
+        tiers = self._scored() or self.tiers
         self.scores.tiers = tiers
         rounds = sum(p.rounds for p in self.phases())
-        summary = self.scores.summary(self.cfg, rounds, time.monotonic() - self.started + self.elapsed_before,
-                                      {t: self.params[t] for t in tiers}, str(self.run.path))
-        summary["transport"] = "network"
+        return {**self.scores.summary(self.cfg, rounds, wall_s, {t: self.params[t] for t in tiers},
+                                      str(self.run.path)), **self.extras()}
+
+    def finish(self, clients: list[dict], wall_s: float) -> None:
+        summary = self.summary(wall_s)
+        tiers = list(summary["tiers"])
         self.run.save_weights(GlobalState({t: self.state.models[t] for t in tiers}, self.state.generator),
                               self.dataset, self.cfg)
         self.run.write_json("partition.json", clients)
         self.run.write_json("summary.json", summary)
-        from gefl.simulation import format_summary
-
         self.say(format_summary(summary))
+
+
+def format_summary(summary: dict) -> str:
+    rows = [f"{'tier':<10}{'params':>9}{'best %':>9}{'final %':>9}"]
+    for tier, s in summary["tiers"].items():
+        rows.append(f"{tier:<10}{s['params']:>9,}{s['best_acc']:>9.2f}{s['final_acc']:>9.2f}")
+    rows.append(f"{'mean':<10}{'':>9}{summary['mean_best_acc']:>9.2f}{summary['mean_final_acc']:>9.2f}")
+    rows.append(f"{summary['algorithm']} on {summary['dataset']}: {summary['rounds']} rounds in "
+                f"{summary['wall_time_s']:.0f}s; run directory {summary['run_dir']}")
+    return "\n".join(rows)
