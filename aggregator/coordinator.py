@@ -1,7 +1,7 @@
-"""The aggregator's coordinator: the round loop's way to clients on a network (a gefl.loop.Grid).
+"""The aggregator's coordinator: the round loop's way to clients on a network (a gefl.rounds.loop.Grid).
 
 It keeps who is registered and alive, serves the open round's tasks and artifacts, and takes the
-uploads that belong to it. The round loop itself (gefl.loop.RoundLoop, the one `gefl simulate`
+uploads that belong to it. The round loop itself (gefl.rounds.loop.RoundLoop, the one `gefl simulate`
 runs too) opens the rounds, decides what counts, aggregates and checkpoints; `build_coordinator`
 in aggregator/serve.py ties the two together.
 
@@ -27,10 +27,10 @@ from typing import Any, Protocol
 
 from gefl import protocol as p
 from gefl.errors import GeflError
-from gefl.federation import ClientResult, Federation
-from gefl.loop import Accept, Delivery, RoundLoop, RoundPlan
 from gefl.protocol import ArtifactRef, Refused, RegisterRequest, Registration, TaskInfo, UploadHeader
-from gefl.wire import sha256
+from gefl.protocol.wire import sha256
+from gefl.rounds.federation import ClientResult, Federation
+from gefl.rounds.loop import Accept, Delivery, RoundLoop, RoundPlan
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 

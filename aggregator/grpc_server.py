@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gefl.errors import GeflError
 from gefl.protocol import Refused, RegisterRequest, UploadHeader
-from gefl.wire import chunks
+from gefl.protocol.wire import chunks
 
 SERVICE = "gefl.v1.Aggregator"
 

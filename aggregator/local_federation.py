@@ -30,10 +30,10 @@ from gefl.aggregator.serve import build_coordinator
 from gefl.algorithms import make_algorithm
 from gefl.config import Config
 from gefl.data import load_dataset
-from gefl.device_sim import simulated_devices
+from gefl.data.image_folder import client_dir_name, write_split
 from gefl.errors import GeflError
-from gefl.image_folder import client_dir_name, write_split
-from gefl.rundir import RunDir
+from gefl.rounds.rundir import RunDir
+from gefl.simulation.device_sim import simulated_devices
 
 REGISTER_TIMEOUT_S = 120.0
 
@@ -81,7 +81,7 @@ def simulate_over_network(cfg: Config, transport: str = "grpc", *, broker: str |
             from gefl.aggregator.mosquitto import Mosquitto
             from gefl.aggregator.mqtt_bridge import MqttBridge
 
-            from gefl.mqtt import MqttAuth, parse_broker_url
+            from gefl.protocol.mqtt import MqttAuth, parse_broker_url
 
             if broker is None:
                 broker = stack.enter_context(Mosquitto()).url

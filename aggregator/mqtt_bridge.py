@@ -1,6 +1,6 @@
 """The aggregator's MQTT face: the same Coordinator as the gRPC service, over a broker.
 
-The bridge subscribes to every client's register, result and status topics (gefl/mqtt.py lists
+The bridge subscribes to every client's register, result and status topics (gefl/protocol/mqtt.py lists
 them) and pushes what gRPC clients would poll for: each MQTT client's task as a sealed, retained
 message, and the open round's artifacts as retained, content-addressed chunks, republished after
 every reconnection because a restarted broker may have forgotten them. Messages are handled one
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 from gefl.aggregator.coordinator import Client, Coordinator
 
-from gefl import mqtt as m
 from gefl.errors import GeflError
 from gefl.protocol import (
     DATA_LOSS,
@@ -41,7 +40,8 @@ from gefl.protocol import (
     TaskInfo,
     UploadHeader,
 )
-from gefl.wire import CHUNK_BYTES, chunks, sha256
+from gefl.protocol import mqtt as m
+from gefl.protocol.wire import CHUNK_BYTES, chunks, sha256
 
 QUEUE_SIZE = 256
 """Messages waiting for the worker; when full, paho's thread waits (back-pressure on the broker)."""

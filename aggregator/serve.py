@@ -20,16 +20,18 @@ from pathlib import Path
 from gefl.aggregator.coordinator import Coordinator, Settings
 from gefl.aggregator.grpc_server import SERVICE, TlsFiles, start_server
 
-from gefl.checkpoint import CHECKPOINT
+from gefl.algorithms import make_algorithm
 from gefl.config import Config
-from gefl.data import load_dataset
-from gefl.device_sim import DeviceSimulation
+from gefl.data import Split, load_dataset
 from gefl.errors import GeflError
-from gefl.loop import RoundLoop
-from gefl.mqtt import BrokerUrl, MqttAuth
 from gefl.protocol import check_plaintext
-from gefl.rundir import RunDir
-from gefl.training_logic import TrainingLogic
+from gefl.protocol.mqtt import BrokerUrl, MqttAuth
+from gefl.rounds.checkpoint import CHECKPOINT
+from gefl.rounds.loop import RoundLoop
+from gefl.rounds.rundir import RunDir
+from gefl.rounds.training_logic import TrainingLogic
+from gefl.simulation.device_sim import DeviceSimulation
+from gefl.simulation.executor import LocalExecutor, WorkerContext
 
 TOKEN_FILE = "enrolment-token"
 
@@ -66,7 +68,10 @@ def build_coordinator(cfg: Config, state_dir: Path, token: str | None, say: Call
     run = RunDir.resume_or_create(state_dir, cfg)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)  # the test set, for evaluation
     extras = {"transport": "network"}
-    logic = TrainingLogic(cfg, dataset, run, say=say, extras=lambda: {
+    algorithm = make_algorithm(cfg)
+    evaluator = LocalExecutor(WorkerContext(algorithm, {}, Split(dataset.test.images, dataset.test.labels),
+                                            dataset.num_classes, cfg.eval.batch_size))
+    logic = TrainingLogic(cfg, dataset, run, evaluator=evaluator, algorithm=algorithm, say=say, extras=lambda: {
         **extras, **({"devices": devices.summary()} if devices is not None else {})})
     settings = settings_for(cfg)
     coordinator = Coordinator(logic, settings, enrolment_token(run.path, token, say), say)

@@ -112,14 +112,14 @@ def corpus_inputs(t: ModuleType) -> dict[str, dict[str, bytes]]:
     from gefl.protos import gefl_v1_pb2 as pb
     from PIL import Image
 
-    from gefl import mqtt as m
     from gefl.algorithms import GlobalState, generated_shape
     from gefl.config import config_from_dict, load_config, to_dict
     from gefl.generators import FEATURE, build_generator
     from gefl.protocol import TRAIN, ArtifactRef, TaskInfo
+    from gefl.protocol import mqtt as m
+    from gefl.protocol.wire import encode_arrays, sha256
     from gefl.resources import packaged
-    from gefl.rundir import RunDir
-    from gefl.wire import encode_arrays, sha256
+    from gefl.rounds.rundir import RunDir
 
     model, generator = t.model_federation(), t.generator_federation()
     model_bytes, generator_bytes = model.global_upload(), generator.global_upload()

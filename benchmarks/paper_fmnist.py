@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from gefl.config import load_config
-from gefl.models import count_parameters
-from gefl.rundir import load_generator
+from gefl.rounds.rundir import load_generator
 from gefl.simulation import simulate
+from gefl.tiers.models import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["fedavg", "fedprox", "lg-fedavg", "avgkd", "feddf", "gefl-cvae", "gefl-dcgan", "gefl-ddpm",

@@ -1,6 +1,6 @@
 """The tier catalogue: what training each registered tier costs, measured, in configs/tiers.yaml.
 
-A device picks the largest tier it can train in time and in memory (gefl/devices.py), but it
+A device picks the largest tier it can train in time and in memory (gefl/tiers/devices.py), but it
 cannot afford to try them all: it times the reference tier once and scales by this catalogue.
 So the catalogue holds per tier the parameters, the FLOPs of a training step (exact and machine
 independent), the memory a training process adds on top of the runtime, and the throughput
@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from gefl.edge_client.probe import cpu_model
 
-from gefl.models import OPT_IN_TIERS, count_parameters, get_model, list_tiers
 from gefl.optim import SGD
+from gefl.tiers.models import OPT_IN_TIERS, count_parameters, get_model, list_tiers
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUE = ROOT / "configs" / "tiers.yaml"
@@ -66,7 +66,7 @@ MIN_TIMED_STEPS, MAX_TIMED_STEPS = 5, 50
 _MB = 1024**2
 
 TORCHVISION_TIERS = ("mobilenet-v3-small", "resnet18")
-"""Tiers gefl.models builds on torchvision backbones, measured only where torchvision imports. The
+"""Tiers gefl.tiers.models builds on torchvision backbones, measured only where torchvision imports. The
 CPU-only venv of a board (the `client` extra) has no torchvision, and PyPI's torchvision wheels are
 each built against one torch release, so the registry's does not import against an older CPU torch:
 these tiers' _cpu columns stay null there, and the policy charges them the CUDA build's figure."""
@@ -86,13 +86,13 @@ HEADER = f"""\
 # Memory depends on the torch build, so every memory figure comes twice: the plain column is the CUDA
 # build's (what pip installs on x86 by default, and what a Jetson or a GPU desktop runs), the _cpu
 # column the CPU-only build's (what every Raspberry Pi runs: PyPI's aarch64 torch is CPU-only).
-# gefl/devices.py charges a device with CUDA the plain columns and one without CUDA the _cpu ones.
+# gefl/tiers/devices.py charges a device with CUDA the plain columns and one without CUDA the _cpu ones.
 #
 # Top level:
 #   reference_tier         the tier a device times itself on (edge_client/probe.py); other tiers' speed
 #                          is estimated from it by the ratio of train_samples_per_s
 #   batch_size             the batch of every measurement below
-#   runtime_memory_mb      RSS of a Python process with torch, gefl.models and gefl.optim (the clients'
+#   runtime_memory_mb      RSS of a Python process with torch, gefl.tiers.models and gefl.optim (the clients'
 #   runtime_memory_mb_cpu  optimizers, which do not import torch._dynamo) imported, 1 thread, before any
 #                          model: every tier pays it on top of train_memory_mb(_cpu). The CUDA
 #                          build maps its CUDA libraries even with no GPU, hence the difference
@@ -425,7 +425,7 @@ def check_completable(path: Path, tiers: list[str], builds: list[str], timed: bo
 
 def flops_predicted_samples_per_s(measured: dict[str, dict], tier: str) -> float:
     """What a device would predict for `tier` from the reference tier's measured speed and the
-    FLOPs ratio (gefl/devices.py's estimate), to set beside what `tier` really does here."""
+    FLOPs ratio (gefl/tiers/devices.py's estimate), to set beside what `tier` really does here."""
     ref = measured[REFERENCE_TIER]
     return ref["train_samples_per_s"] * ref["train_mflops_per_sample"] / measured[tier]["train_mflops_per_sample"]
 
@@ -454,7 +454,7 @@ def write_results(out: Path, result: dict) -> None:
            f"Throughput is not re-timed in this run (--memory-only): samples/s are the catalogue's, timed "
            f"{result['timing']['measured']} with torch {result['timing']['timed_with']}; ")
         + "memory is measured with each build. "
-        "Runtime memory: RSS of Python + torch + gefl.models + gefl.optim, before any model. "
+        "Runtime memory: RSS of Python + torch + gefl.tiers.models + gefl.optim, before any model. "
         f"Train memory: peak anonymous memory (RssAnon) above that, median of {result['runs']} fresh processes "
         "(min-max in brackets). Peak RSS: the whole measuring process's VmHWM (import and library pages "
         "included), median. The policy charges runtime + train memory of the device's build (CUDA build if "

@@ -51,12 +51,12 @@ from gefl.aggregator.mosquitto import free_port
 from gefl.edge_client.probe import cpu_model
 
 from gefl.errors import GeflError
-from gefl.federation import Phase
+from gefl.rounds.federation import Phase
 
 if TYPE_CHECKING:
     from gefl.algorithms import ClientResult
-    from gefl.federation import RoundInfo
     from gefl.protocol import RegisterRequest
+    from gefl.rounds.federation import RoundInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -183,7 +183,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     from gefl.aggregator.coordinator import Coordinator, Settings
     from gefl.aggregator.grpc_server import start_server
 
-    from gefl.loop import RoundLoop
+    from gefl.rounds.loop import RoundLoop
 
     log: list[tuple[float, str]] = []
 
@@ -202,7 +202,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     if args.transport == "mqtt":  # the bridge to the broker the parent started on --port
         from gefl.aggregator.mqtt_bridge import MqttBridge
 
-        from gefl.mqtt import MqttAuth, parse_broker_url
+        from gefl.protocol.mqtt import MqttAuth, parse_broker_url
 
         bridge = MqttBridge(coordinator, parse_broker_url(f"mqtt://127.0.0.1:{args.port}/{logic.federation}"),
                             MqttAuth(), say)
@@ -243,7 +243,7 @@ def _own_connection_transport(address: str) -> Any:
     if address.startswith("mqtt://"):
         from gefl.edge_client.mqtt_transport import MqttClientTransport
 
-        from gefl.mqtt import MqttAuth, parse_broker_url
+        from gefl.protocol.mqtt import MqttAuth, parse_broker_url
 
         return MqttClientTransport(parse_broker_url(address), TOKEN, MqttAuth(), say=lambda _m: None)
     from gefl.edge_client.grpc_transport import GrpcClientTransport
@@ -283,7 +283,7 @@ def echo_client(address: str, name: str, stall: bool, report: _ClientReport) -> 
     from gefl.edge_client.transport import Unavailable
 
     from gefl.protocol import FINISHED, TRAIN, RegisterRequest, UploadHeader
-    from gefl.wire import sha256
+    from gefl.protocol.wire import sha256
 
     transport = _own_connection_transport(address)
     stop = threading.Event()

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from gefl.edge_client.transport import ClientTransport
 
-from gefl import mqtt
 from gefl.errors import GeflError
-from gefl.protocol import check_plaintext
+from gefl.protocol import check_plaintext, mqtt
 
 
 def open_transport(aggregator: str, enrol_token: str, *, ca: str | None = None, cert: str | None = None,

@@ -27,7 +27,7 @@ from gefl.protocol import (
     TaskInfo,
     UploadHeader,
 )
-from gefl.wire import chunks, sha256
+from gefl.protocol.wire import chunks, sha256
 
 CALL_TIMEOUT_S = 30.0
 SERVER_BUSY = "Concurrent RPC limit exceeded!"

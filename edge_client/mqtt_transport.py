@@ -1,4 +1,4 @@
-"""The client side of the MQTT transport: the runtime's calls over a broker (topics in gefl/mqtt.py).
+"""The client side of the MQTT transport: the runtime's calls over a broker (topics in gefl/protocol/mqtt.py).
 
 The aggregator pushes, the client waits: its task arrives as a retained message on its task
 topic (at once, after a late start or a reconnection) and the artifacts as retained chunks
@@ -6,7 +6,7 @@ addressed by their sha256. Requests go out as messages and their answers come ba
 client's reply topic. A broker that is away is `Unavailable` (the runtime backs off and retries);
 an upload resent after a reconnection is counted once by the aggregator, which answers "already
 counted". Tasks and replies are believed only when sealed by the aggregator, chunks only when
-their sha256 is the one the task lists (gefl/mqtt.py says how), and the last will is MAC'd with
+their sha256 is the one the task lists (gefl/protocol/mqtt.py says how), and the last will is MAC'd with
 the token, so that the client reconnects once after its first registration to set it. Torch-free.
 """
 
@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 from gefl.edge_client.transport import Unauthenticated, Unavailable
 
-from gefl import mqtt as m
 from gefl.errors import GeflError
 from gefl.protocol import (
     FINISHED,
@@ -35,7 +34,8 @@ from gefl.protocol import (
     TaskInfo,
     UploadHeader,
 )
-from gefl.wire import CHUNK_BYTES, chunks, sha256
+from gefl.protocol import mqtt as m
+from gefl.protocol.wire import CHUNK_BYTES, chunks, sha256
 
 REPLY_TIMEOUT_S = 30.0
 """How long a registration or an upload's verdict may take before the request is sent again."""
@@ -97,7 +97,7 @@ class _Download:
 
 class MqttClientTransport:
     """The client end. Everything it receives is checked before it acts on it: tasks and replies must
-    be sealed by the aggregator (gefl/mqtt.py says with which key), artifact chunks must match the
+    be sealed by the aggregator (gefl/protocol/mqtt.py says with which key), artifact chunks must match the
     hashes their sealed task lists, and a malformed or unauthenticated message is dropped with a log
     line, so nothing another broker user publishes can make it stop, stall or train on other data."""
 

@@ -23,7 +23,7 @@ import psutil
 from gefl.errors import GeflError
 
 if TYPE_CHECKING:
-    from gefl.devices import Catalogue
+    from gefl.tiers.devices import Catalogue
 
 MODEL_FILES = ("proc/device-tree/model", "sys/firmware/devicetree/base/model")
 """Where the device tree names the board; the second is the same node on kernels without /proc/device-tree."""
@@ -285,7 +285,7 @@ def reference_tier(catalogue: Catalogue | None = None) -> str:
 
 @functools.cache
 def _shipped_catalogue() -> Catalogue:
-    from gefl.devices import load_catalogue
+    from gefl.tiers.devices import load_catalogue
 
     return load_catalogue()
 
@@ -314,8 +314,8 @@ def _time_steps(seconds: float, batch_size: int) -> float:
     import torch
     from torch.nn import functional as F
 
-    from gefl.models import get_model
     from gefl.optim import SGD
+    from gefl.tiers.models import get_model
 
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(0)

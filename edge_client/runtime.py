@@ -23,8 +23,8 @@ import numpy as np
 from gefl.edge_client.credentials import CredentialStore
 from gefl.edge_client.transport import ClientTransport, Unauthenticated, Unavailable
 
+from gefl.data.image_folder import read_image_folder
 from gefl.errors import GeflError
-from gefl.image_folder import read_image_folder
 from gefl.protocol import (
     FINISHED,
     INVALID_ARGUMENT,
@@ -36,7 +36,7 @@ from gefl.protocol import (
     TaskInfo,
     UploadHeader,
 )
-from gefl.wire import sha256
+from gefl.protocol.wire import sha256
 
 T = TypeVar("T")
 Say = Callable[[str], None]
@@ -184,7 +184,7 @@ class ClientRuntime:
         from gefl.algorithms import make_algorithm
         from gefl.config import config_from_yaml
         from gefl.data import dataset_classes
-        from gefl.image_folder import client_split
+        from gefl.data.image_folder import client_split
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)

@@ -25,8 +25,8 @@ from gefl.export.quantize import QUANTIZE_MODES, quantize
 
 from gefl.data import MEAN, STD, Dataset, load_dataset
 from gefl.errors import GeflError
-from gefl.models import TierNet
-from gefl.rundir import load_tier, run_tiers
+from gefl.rounds.rundir import load_tier, run_tiers
+from gefl.tiers.models import TierNet
 
 PARITY_IMAGES = 256
 PARITY_TOLERANCE = 1e-4

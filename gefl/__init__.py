@@ -1,5 +1,8 @@
-"""gefl: the shared core of gefl-edge (models, generators, data, training, aggregation,
-the federation state machine and the in-process simulation). No networking lives here.
+"""gefl: the core of gefl-edge. Its folders are its parts: tiers, generators, algorithms, rounds
+(the one round loop), simulation, data, and protocol (what both network ends share: messages, the
+wire format, the MQTT connection); cli.py is the command line. The network ends themselves, the
+aggregator's servers and the board's client, install beside it as gefl.aggregator and
+gefl.edge_client and use the core, never the reverse.
 
 The public names are imported on first use (PEP 562), so `import gefl` costs nothing: the
 `gefl infer` command and a board with only the `infer` extra must never pull in torch.
@@ -17,7 +20,7 @@ _EXPORTS = {
     "GeflError": "gefl.errors",
     "build_generator": "gefl.generators", "list_generators": "gefl.generators",
     "register_generator": "gefl.generators",
-    "get_model": "gefl.models", "list_tiers": "gefl.models", "register_tier": "gefl.models",
+    "get_model": "gefl.tiers.models", "list_tiers": "gefl.tiers.models", "register_tier": "gefl.tiers.models",
     "simulate": "gefl.simulation",
 }
 

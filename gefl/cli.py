@@ -122,7 +122,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _aggregator_serve(args: argparse.Namespace) -> int:
     from gefl.aggregator.serve import MqttEndpoint, serve
-    from gefl.mqtt import parse_broker_url
+    from gefl.protocol.mqtt import parse_broker_url
 
     cfg = _load(args)
     tls = _tls_files(args.tls_cert, args.tls_key, args.client_ca)
@@ -141,7 +141,7 @@ def _aggregator_serve(args: argparse.Namespace) -> int:
 def _mqtt_auth(user: str | None, ca: str | None, cert: str | None, key: str | None):  # -> MqttAuth
     import os
 
-    from gefl.mqtt import MqttAuth
+    from gefl.protocol.mqtt import MqttAuth
 
     if (cert is None) != (key is None):
         raise GeflError("the MQTT client certificate and its key go together")
@@ -210,7 +210,7 @@ def _list(args: argparse.Namespace) -> int:
     from gefl.algorithms import ALGORITHMS
     from gefl.data import list_datasets
     from gefl.generators import list_generators
-    from gefl.models import count_parameters, get_model, list_tiers
+    from gefl.tiers.models import count_parameters, get_model, list_tiers
 
     print("tiers:       " + ", ".join(f"{t} ({count_parameters(get_model(t)):,} params)" for t in list_tiers()))
     print("datasets:    " + ", ".join(list_datasets()))
@@ -223,8 +223,8 @@ def _list(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     import json
 
-    from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
     from gefl.edge_client.probe import format_profile, probe
+    from gefl.tiers.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
 
     _, defaults = load_profiles(DEVICES_PATH)
     policy = Policy(
@@ -235,7 +235,7 @@ def _probe(args: argparse.Namespace) -> int:
     catalogue = load_catalogue()
     profile = probe(args.root, measure=True)  # after the flags are checked: measuring takes a second
     if args.tier:
-        from gefl.models import list_tiers
+        from gefl.tiers.models import list_tiers
 
         if args.tier not in list_tiers():
             raise unknown_name("tier", args.tier, list_tiers())
@@ -284,7 +284,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _data_split(args: argparse.Namespace) -> int:
-    from gefl.image_folder import write_split
+    from gefl.data.image_folder import write_split
 
     spc = args.samples_per_client.strip().lower()
     if spc == "all":

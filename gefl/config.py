@@ -19,7 +19,6 @@ from gefl.algorithms import ALGORITHMS, generated_shape, generator_level
 from gefl.data import PARTITIONS, list_datasets
 from gefl.errors import GeflError, unknown_name
 from gefl.generators import build_generator, generator_options, list_generators
-from gefl.models import list_tiers
 from gefl.schema import (
     AggregationConfig,
     Config,
@@ -31,6 +30,7 @@ from gefl.schema import (
     PartitionConfig,
     TrainConfig,
 )
+from gefl.tiers.models import list_tiers
 
 __all__ = [
     "AggregationConfig", "Config", "EvalConfig", "FedDFConfig", "GeflConfig", "GeneratorConfig", "NetworkConfig",

@@ -18,7 +18,7 @@ from torchvision.utils import make_grid
 
 from gefl.errors import GeflError
 from gefl.generators import IMAGE, generator_spec
-from gefl.rundir import load_generator, load_tier, run_tiers
+from gefl.rounds.rundir import load_generator, load_tier, run_tiers
 
 LABEL_WIDTH = 90
 GAP = 12

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gefl.models import PAPER_TIERS
+from gefl.tiers.models import PAPER_TIERS
 
 
 @dataclass

@@ -98,7 +98,7 @@ def make_certs(directory: Path) -> dict[str, Path]:
 def tampered(good: dict, **changes) -> bytes:
     """`good` (name -> array) encoded with entries replaced or, for None, removed: the hostile uploads
     the gRPC and MQTT tests send. Names use __ for . (head__fc__weight)."""
-    from gefl.wire import encode_arrays
+    from gefl.protocol.wire import encode_arrays
 
     arrays = {k: v.copy() for k, v in good.items()}
     for name, value in changes.items():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gefl.aggregation import Update, fedavg, lg_fedavg, per_architecture
+from gefl.algorithms.aggregation import Update, fedavg, lg_fedavg, per_architecture
 
 
 def test_fedavg_weighted_matches_hand_computation():

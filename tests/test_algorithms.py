@@ -6,7 +6,7 @@ import torch
 from gefl.algorithms import GENERATOR, TRAIN, ClientResult, make_algorithm
 from gefl.config import config_from_dict
 from gefl.errors import GeflError
-from gefl.wire import decode_state, encode_state
+from gefl.protocol.wire import decode_state, encode_state
 
 
 @pytest.fixture()

@@ -27,13 +27,13 @@ from gefl.edge_client.grpc_transport import GrpcClientTransport
 from gefl.edge_client.mqtt_transport import MqttClientTransport
 from gefl.edge_client.transport import Unavailable
 
-from gefl import mqtt as m
 from gefl.cli import SHIPPED_GEFL, build_parser, main
 from gefl.config import config_from_dict
-from gefl.image_folder import write_split
+from gefl.data.image_folder import write_split
 from gefl.protocol import TRAIN, RegisterRequest, UploadHeader
+from gefl.protocol import mqtt as m
+from gefl.protocol.wire import sha256
 from gefl.resources import packaged
-from gefl.wire import sha256
 
 from netutil import TOKEN, Process, free_port, read_metrics, wait_for
 

@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from gefl.config import config_from_dict
-from gefl.image_folder import write_split
+from gefl.data.image_folder import write_split
 
 from netutil import TOKEN
 

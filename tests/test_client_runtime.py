@@ -12,9 +12,9 @@ from gefl.aggregator.serve import build_coordinator
 from gefl.edge_client.grpc_transport import GrpcClientTransport
 from gefl.edge_client.runtime import ClientOptions, ClientRuntime
 
-import gefl.image_folder
+import gefl.data.image_folder
 from gefl.config import config_from_dict
-from gefl.image_folder import write_split
+from gefl.data.image_folder import write_split
 
 from netutil import TOKEN, free_port, read_metrics, wait_for
 
@@ -41,7 +41,7 @@ def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp
     second = {**base, "name": "second", "algorithm": "gefl-f", "rounds": 1,
               "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}}
     opened = []
-    real_open = gefl.image_folder._open_image
+    real_open = gefl.data.image_folder._open_image
 
     def counting_open(*args, **kwargs):
         opened.append(args[0])
@@ -52,7 +52,7 @@ def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp
                             ClientOptions(shards / "client-000", tier="cnn2", name="board", threads=1, poll_s=1.0,
                                           give_up_s=120, state_dir=tmp_path / "device"), say=lambda m: None)
     trained: list[int] = []
-    with mock.patch.object(gefl.image_folder, "_open_image", counting_open):
+    with mock.patch.object(gefl.data.image_folder, "_open_image", counting_open):
         client = threading.Thread(target=lambda: trained.append(runtime.run()), daemon=True)
         client.start()
         try:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from gefl import simulate
-from gefl.devices import (
+from gefl.errors import GeflError
+from gefl.tiers.devices import (
     DEVICES_PATH,
     Catalogue,
     Policy,
@@ -22,8 +23,7 @@ from gefl.devices import (
     load_profiles,
     select_tier,
 )
-from gefl.errors import GeflError
-from gefl.models import PAPER_TIERS
+from gefl.tiers.models import PAPER_TIERS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,12 +8,12 @@ import torch
 
 from gefl import simulate
 from gefl.algorithms import TRAIN, ClientResult, GlobalState, make_algorithm
+from gefl.algorithms.training import predict_logits, train_epochs
 from gefl.config import config_from_dict
 from gefl.data import client_indices, load_dataset, public_indices
 from gefl.errors import GeflError
-from gefl.models import get_model
-from gefl.training import predict_logits, train_epochs
-from gefl.wire import encode_state
+from gefl.protocol.wire import encode_state
+from gefl.tiers.models import get_model
 
 TIERS = ["cnn3c", "cnn4c"]
 

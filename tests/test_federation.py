@@ -1,6 +1,6 @@
 import pytest
 
-from gefl.federation import Federation, Phase, RoundError
+from gefl.rounds.federation import Federation, Phase, RoundError
 
 PHASES = [Phase("warmup", 3, True), Phase("generator", 2, False), Phase("head", 20, True)]
 

@@ -10,9 +10,9 @@ from PIL import Image
 
 from gefl import simulate
 from gefl.cli import main as gefl_main
-from gefl.models import count_parameters
-from gefl.rundir import load_generator
-from gefl.wire import encode_state
+from gefl.protocol.wire import encode_state
+from gefl.rounds.rundir import load_generator
+from gefl.tiers.models import count_parameters
 
 # One client per tier, 16 images each and batches of 8: the paper-sized generators train for two
 # steps and sample two batches. The DDPMs keep their paper architecture but sample in 10 steps

@@ -25,9 +25,9 @@ from gefl.generators import (
     generator_spec,
     list_generators,
 )
-from gefl.models import count_parameters
-from gefl.rundir import RunDir, load_generator
-from gefl.wire import decode_state
+from gefl.protocol.wire import decode_state
+from gefl.rounds.rundir import RunDir, load_generator
+from gefl.tiers.models import count_parameters
 
 FEATURE_SHAPE = (3, 16, 16)
 IMAGE_SHAPE = (1, 32, 32)

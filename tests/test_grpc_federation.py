@@ -16,8 +16,8 @@ from gefl.aggregator.serve import build_coordinator
 
 from gefl import simulate
 from gefl.config import config_from_dict
-from gefl.image_folder import write_split
-from gefl.wire import arrays_digest, decode_arrays
+from gefl.data.image_folder import write_split
+from gefl.protocol.wire import arrays_digest, decode_arrays
 
 from netutil import SHORT, TOKEN, Process, free_port, read_metrics, wait_for
 

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gefl.config import config_from_dict
 from gefl.protocol import TRAIN, Refused, RegisterRequest, UploadHeader
-from gefl.wire import decode_arrays, encode_arrays, encode_state, sha256
+from gefl.protocol.wire import decode_arrays, encode_arrays, encode_state, sha256
 
 from netutil import TOKEN, make_certs, tampered, wait_for
 
@@ -406,8 +406,8 @@ def test_a_damaged_or_non_finite_checkpoint_is_refused_not_resumed(tmp_path):
 
     from safetensors import safe_open
 
-    from gefl.checkpoint import digest as _checkpoint_digest
     from gefl.errors import GeflError
+    from gefl.rounds.checkpoint import digest as _checkpoint_digest
 
     state = tmp_path / "state"
     good = _checkpoint_after_a_registration(state)

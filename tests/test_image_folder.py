@@ -15,8 +15,8 @@ from PIL import Image
 
 from gefl.cli import main
 from gefl.config import config_from_dict
+from gefl.data.image_folder import class_dir_name, load_client_split, read_image_folder, write_split
 from gefl.errors import GeflError
-from gefl.image_folder import class_dir_name, load_client_split, read_image_folder, write_split
 from gefl.simulation import _split_clients
 
 from netutil import free_port

@@ -10,7 +10,7 @@ from torch import nn
 import gefl
 from gefl.config import Config
 from gefl.errors import GeflError
-from gefl.models import OPT_IN_TIERS, count_parameters, get_model, list_tiers, register_tier
+from gefl.tiers.models import OPT_IN_TIERS, count_parameters, get_model, list_tiers, register_tier
 
 PAPER_COUNTS = {
     "cnn2": 10_766, "cnn3": 10_350, "cnn3b": 14_366, "cnn3c": 5_406, "cnn4": 26_414,

@@ -39,11 +39,11 @@ from test_mqtt_service import (
     start_secure_broker,
 )
 
-from gefl import mqtt as m
 from gefl.config import config_from_dict
 from gefl.errors import GeflError
 from gefl.protocol import PROTOCOL_VERSION, TRAIN, Refused, RegisterRequest
-from gefl.wire import CHUNK_BYTES, decode_arrays
+from gefl.protocol import mqtt as m
+from gefl.protocol.wire import CHUNK_BYTES, decode_arrays
 
 from netutil import TOKEN, Process, tampered, wait_for
 
@@ -479,7 +479,7 @@ def _federation_run(tmp_path: Path, label: str, attack: bool, timeout: float = 4
     """A three-client FedAvg run through its own Mosquitto, the aggregator and the clients real `gefl`
     processes started in order (so ids, shards and task seeds are the same in every run); with
     `attack`, an attacker process forges throughout. Returns (state dir, aggregator output)."""
-    from gefl.image_folder import write_split
+    from gefl.data.image_folder import write_split
 
     shards = tmp_path / "shards"
     if not shards.exists():

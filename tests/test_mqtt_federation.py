@@ -10,7 +10,7 @@ from gefl.aggregator.mosquitto import Mosquitto
 
 from gefl import simulate
 from gefl.config import config_from_dict
-from gefl.image_folder import write_split
+from gefl.data.image_folder import write_split
 
 from netutil import SHORT, TOKEN, Process, free_port, read_metrics, wait_for
 

@@ -21,11 +21,11 @@ from gefl.aggregator.mqtt_bridge import MqttBridge
 from gefl.aggregator.serve import build_coordinator
 from gefl.edge_client.mqtt_transport import MqttClientTransport
 
-from gefl import mqtt as m
 from gefl.config import config_from_dict
 from gefl.errors import GeflError
 from gefl.protocol import TRAIN, RegisterRequest, UploadHeader
-from gefl.wire import CHUNK_BYTES, decode_arrays, encode_arrays, encode_state, sha256
+from gefl.protocol import mqtt as m
+from gefl.protocol.wire import CHUNK_BYTES, decode_arrays, encode_arrays, encode_state, sha256
 
 from netutil import TOKEN, make_certs, wait_for
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gefl.models import get_model
 from gefl.optim import SGD, Adam
+from gefl.tiers.models import get_model
 
 
 def _steps(make_optimizer, steps: int = 6, skip_head_every: int = 0) -> list[torch.Tensor]:
@@ -44,8 +44,9 @@ def test_steps_are_bit_for_bit_torch_optims(ours, theirs, skip):
 
 
 def test_local_training_does_not_import_the_compiler():
-    code = ("import sys, torch; from gefl.config import TrainConfig; from gefl.training import train_epochs; "
-            "from gefl.models import get_model; m = get_model('cnn3c'); "
+    code = ("import sys, torch; from gefl.config import TrainConfig; "
+            "from gefl.algorithms.training import train_epochs; "
+            "from gefl.tiers.models import get_model; m = get_model('cnn3c'); "
             "train_epochs(m, torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,)), TrainConfig(local_epochs=1), "
             "torch.Generator().manual_seed(0)); print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

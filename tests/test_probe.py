@@ -166,7 +166,7 @@ def test_the_probe_times_the_tier_the_catalogue_names(tmp_path):
     import yaml
     from gefl.edge_client.probe import _format_throughput, reference_tier
 
-    from gefl.devices import CATALOGUE_PATH, load_catalogue
+    from gefl.tiers.devices import CATALOGUE_PATH, load_catalogue
 
     assert reference_tier() == load_catalogue().reference_tier
     data = yaml.safe_load(Path(CATALOGUE_PATH).read_text())

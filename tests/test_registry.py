@@ -17,8 +17,8 @@ from gefl.config import config_from_dict, config_from_yaml
 from gefl.data import DATASETS, dataset_classes, list_datasets, register_dataset
 from gefl.errors import GeflError
 from gefl.generators import FEATURE, GENERATORS, generator_spec, list_generators, register_generator
-from gefl.models import TIERS, get_model, list_tiers, register_tier
 from gefl.registry import Registry
+from gefl.tiers.models import TIERS, get_model, list_tiers, register_tier
 
 
 def fresh() -> Registry[int]:

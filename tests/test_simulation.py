@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from gefl import simulate
+from gefl.algorithms.training import accuracy
 from gefl.data import load_dataset
-from gefl.models import get_model
-from gefl.training import accuracy
-from gefl.wire import encode_state
+from gefl.protocol.wire import encode_state
+from gefl.tiers.models import get_model
 
 BASE = {
     "num_clients": 4,
@@ -117,7 +117,7 @@ def test_the_same_weights_are_written_as_the_same_bytes(tmp_path):
 
     from gefl.algorithms import GlobalState
     from gefl.config import config_from_dict
-    from gefl.rundir import RunDir, load_generator, load_tier
+    from gefl.rounds.rundir import RunDir, load_generator, load_tier
 
     cfg = config_from_dict({**BASE, "algorithm": "gefl-f"})
     dataset = SimpleNamespace(name="fashion-mnist", in_channels=1, num_classes=10, classes=[str(i) for i in range(10)])

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from gefl.models import OPT_IN_TIERS, count_parameters, get_model
+from gefl.tiers.models import OPT_IN_TIERS, count_parameters, get_model
 
 TORCHVISION_TIERS = ("mobilenet-v3-small", "resnet18")
 
@@ -46,10 +46,10 @@ def bench() -> ModuleType:
 
 
 def _registered_tiers() -> list[str]:
-    """gefl.models.list_tiers() of a fresh process: tests (and the README's example) register tiers
+    """gefl.tiers.models.list_tiers() of a fresh process: tests (and the README's example) register tiers
     of their own in this one."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    code = "import json; from gefl.models import list_tiers; print(json.dumps(list_tiers()))"
+    code = "import json; from gefl.tiers.models import list_tiers; print(json.dumps(list_tiers()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout)
 

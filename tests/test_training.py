@@ -1,8 +1,8 @@
 import torch
 
+from gefl.algorithms.training import train_epochs
 from gefl.config import TrainConfig
-from gefl.models import get_model
-from gefl.training import train_epochs
+from gefl.tiers.models import get_model
 
 
 def drift(mu: float) -> float:

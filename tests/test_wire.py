@@ -11,8 +11,8 @@ from gefl.edge_client.runtime import Backoff
 from safetensors.torch import save
 
 from gefl.errors import GeflError
-from gefl.models import get_model
-from gefl.wire import arrays_digest, chunks, decode_arrays, decode_state, encode_state
+from gefl.protocol.wire import arrays_digest, chunks, decode_arrays, decode_state, encode_state
+from gefl.tiers.models import get_model
 
 
 def test_encoding_is_safetensors_byte_for_byte_and_round_trips_every_tensor():
@@ -42,7 +42,7 @@ def test_chunks_cover_the_payload_in_order():
 
 
 def test_the_wire_and_the_client_transport_import_no_torch():
-    code = ("import sys, gefl.wire, gefl.protocol, gefl.edge_client.grpc_transport, "
+    code = ("import sys, gefl.protocol.wire, gefl.protocol, gefl.edge_client.grpc_transport, "
             "gefl.aggregator.coordinator, gefl.aggregator.grpc_server; "
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -62,7 +62,7 @@ def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
 def test_encoding_is_byte_for_byte_deterministic():
     import numpy as np
 
-    from gefl.wire import decode_arrays, encode_arrays
+    from gefl.protocol.wire import decode_arrays, encode_arrays
 
     arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.int64(7), "c": np.zeros(3, np.uint8)}
     metadata = {k: str(i) for i, k in enumerate("qwertyuiop")}

@@ -2,7 +2,7 @@
 
 Each `fuzz_<name>(data)` feeds one input to the real code and states its contract: for any input
 the code returns normally or raises one of the project's documented errors (`ALLOWED`:
-gefl.errors.GeflError and its subclasses gefl.mqtt.Malformed, gefl.protocol.Refused, the client's
+gefl.errors.GeflError and its subclasses gefl.protocol.mqtt.Malformed, gefl.protocol.Refused, the client's
 Unavailable and Unauthenticated). Anything else that escapes (TypeError, KeyError, RecursionError,
 OverflowError, MemoryError, ...) is a crash, and so is a call that does not finish (`watchdog`).
 
@@ -57,16 +57,16 @@ from gefl.protos import gefl_v1_pb2 as pb
 from google.protobuf.message import DecodeError
 
 import gefl
-import gefl.checkpoint as checkpoint_module
-from gefl import mqtt as m
+import gefl.rounds.checkpoint as checkpoint_module
 from gefl.config import config_from_dict, config_from_yaml
 from gefl.data import dataset_classes, list_datasets
+from gefl.data.image_folder import IMAGE_SUFFIXES, read_image_folder
 from gefl.errors import GeflError
-from gefl.image_folder import IMAGE_SUFFIXES, read_image_folder
-from gefl.loop import RoundLoop, upload_name
 from gefl.protocol import ArtifactRef, RegisterRequest, UploadHeader
-from gefl.rundir import load_generator
-from gefl.wire import CHUNK_BYTES, arrays_digest, decode_arrays, decode_state, encode_arrays, sha256
+from gefl.protocol import mqtt as m
+from gefl.protocol.wire import CHUNK_BYTES, arrays_digest, decode_arrays, decode_state, encode_arrays, sha256
+from gefl.rounds.loop import RoundLoop, upload_name
+from gefl.rounds.rundir import load_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -401,7 +401,7 @@ class _Published:
 
 
 class _Link:
-    """Stands in for gefl.mqtt.Connection: always connected, keeps what is published (the last few)
+    """Stands in for gefl.protocol.mqtt.Connection: always connected, keeps what is published (the last few)
     and hands each publish to `on_publish`, where a test broker's peer would answer."""
 
     def __init__(self) -> None:
@@ -476,7 +476,7 @@ def _restore(obj: object, saved: dict[str, Any]) -> None:
 
 
 def seal(key_secret: str, topic: str, body: bytes) -> bytes:
-    """`body` sealed for `topic` as the aggregator seals tasks and replies (gefl.mqtt.seal, over the raw
+    """`body` sealed for `topic` as the aggregator seals tasks and replies (gefl.protocol.mqtt.seal, over the raw
     bytes: the fuzzer cannot compute a MAC, so the harness does, and the bytes reach the parser)."""
     return m.mac(m.key_of(key_secret), "sealed", topic, body).encode() + b"\n" + body
 
@@ -546,7 +546,7 @@ def checkpoint_logic() -> Coordinator:
 # ---------------------------------------------------------------------------------------- wire codec
 @_target
 def fuzz_wire(data: bytes) -> None:
-    """gefl.wire.decode_arrays and decode_state: every tensor payload a peer sends (uploads, artifacts,
+    """gefl.protocol.wire.decode_arrays and decode_state: every tensor payload a peer sends (uploads, artifacts,
     checkpoints). What decodes must encode again to the same arrays, and reach torch."""
     arrays = decode_arrays(data)
     state = decode_state(data)
@@ -561,7 +561,7 @@ _KEYS = ("round", "phase", "name", "size", "sha256", "num_samples", "loss", "ind
 
 
 def _probe_fields(message: dict, what: str) -> None:
-    """gefl.mqtt.field on every key the message has and the protocol's own, as every kind a reader asks for."""
+    """gefl.protocol.mqtt.field on every key the message has and the protocol's own, as every kind a reader asks for."""
     for key in [*list(message)[:16], *_KEYS]:
         for kind in _KINDS:
             with contextlib.suppress(m.Malformed):
@@ -570,7 +570,7 @@ def _probe_fields(message: dict, what: str) -> None:
 
 @_target
 def fuzz_mqtt_frame(data: bytes) -> None:
-    """gefl.mqtt.decode_frame (every chunk either end receives), then field() on its header."""
+    """gefl.protocol.mqtt.decode_frame (every chunk either end receives), then field() on its header."""
     header, body = m.decode_frame(data, "frame")
     assert isinstance(header, dict) and len(body) <= m.MAX_FRAME_BYTES
     _probe_fields(header, "frame")
@@ -578,7 +578,7 @@ def fuzz_mqtt_frame(data: bytes) -> None:
 
 @_target
 def fuzz_mqtt_json(data: bytes) -> None:
-    """gefl.mqtt.decode_json (registrations, heartbeats, tasks, replies), then field() on the object."""
+    """gefl.protocol.mqtt.decode_json (registrations, heartbeats, tasks, replies), then field() on the object."""
     message = m.decode_json(data, "message")
     assert isinstance(message, dict)
     _probe_fields(message, "message")
@@ -593,7 +593,7 @@ def _client_name_ok(name: str) -> bool:
 
 @_target
 def fuzz_mqtt_topic(data: bytes) -> str | None:
-    """gefl.mqtt.Topics.client_of, which turns the topic of every message the aggregator reads into the
+    """gefl.protocol.mqtt.Topics.client_of, which turns the topic of every message the aggregator reads into the
     client it claims to come from. A name it accepts must be a documented client name, and must
     give the same topic back. (Topics are UTF-8 on the wire: the broker refuses anything else.)"""
     try:
@@ -889,7 +889,7 @@ def _resealed_checkpoint(path: Path) -> bytes | None:
     metadata object to seal or the aggregator keeps no digest."""
     from safetensors import safe_open
 
-    from gefl.checkpoint import digest
+    from gefl.rounds.checkpoint import digest
 
     try:
         with safe_open(str(path), "np") as f:
@@ -909,7 +909,7 @@ def _resealed_checkpoint(path: Path) -> bytes | None:
 
 @_target
 def fuzz_generator_file(data: bytes) -> None:
-    """gefl.rundir.load_generator on a generator.safetensors file (`gefl samples`, a run handed over)."""
+    """gefl.rounds.rundir.load_generator on a generator.safetensors file (`gefl samples`, a run handed over)."""
     path = _tmp() / "generator.safetensors"
     path.write_bytes(data)
     generator, meta = load_generator(path)
@@ -979,7 +979,7 @@ def _build_image_folder(data: bytes, root: Path) -> int | None:
 
 @_target
 def fuzz_image_folder(data: bytes) -> None:
-    """gefl.image_folder.read_image_folder on a directory built from the input (image_folder_input):
+    """gefl.data.image_folder.read_image_folder on a directory built from the input (image_folder_input):
     up to four class folders with fuzzed names, up to eight entries: image files with any suffix,
     nested ones, symbolic links to anything inside the tree (loops included). Such a directory comes
     from elsewhere: a shard that was copied or unpacked onto the board."""

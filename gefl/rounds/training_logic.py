@@ -1,40 +1,46 @@
 """The round logic of a training federation: gefl's algorithm, the global state, evaluation on
 the test set, the scoreboard and the run directory. `gefl simulate` and the aggregator both hand
-it to the one RoundLoop (gefl.loop); only the evaluator differs (the simulation's worker pool, or
+it to the one RoundLoop (gefl.rounds.loop); only the evaluator differs (the simulation's worker pool, or
 this process on an aggregator).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import yaml
 
 from gefl.algorithms import Algorithm, ClientResult, GlobalState, make_algorithm
-from gefl.checkpoint import restore_global_state, state_arrays
 from gefl.config import Config, to_dict
-from gefl.data import Dataset, Split
-from gefl.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
+from gefl.data import Dataset
 from gefl.errors import GeflError
-from gefl.executor import Executor, LocalExecutor, WorkerContext
-from gefl.federation import Phase, RoundInfo
-from gefl.models import count_parameters, get_model
 from gefl.protocol import RegisterRequest
-from gefl.rundir import RunDir
-from gefl.scoreboard import Scoreboard, format_accuracy
-from gefl.wire import encode_state
+from gefl.protocol.wire import encode_state
+from gefl.rounds.checkpoint import restore_global_state, state_arrays
+from gefl.rounds.federation import Phase, RoundInfo
+from gefl.rounds.rundir import RunDir
+from gefl.rounds.scoreboard import Scoreboard, format_accuracy
+from gefl.tiers.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
+from gefl.tiers.models import count_parameters, get_model
+
+
+class Evaluator(Protocol):
+    """Accuracy of each tier's encoded global model on the test set (gefl.simulation.executor's)."""
+
+    def evaluate(self, models: dict[str, bytes]) -> dict[str, float]: ...
 
 
 class TrainingLogic:
-    """The round logic of a training federation (a gefl.loop.RoundLogic).
+    """The round logic of a training federation (a gefl.rounds.loop.RoundLogic).
 
     `tiers`: the federation's tiers in the order their models are initialised (default: the
     config's); `used`: those known to take part from the start (a simulation knows every client's),
     else each counts from its first round. `evaluator` evaluates the global models on the test set."""
 
-    def __init__(self, cfg: Config, dataset: Dataset, run: RunDir, *, tiers: list[str] | None = None,
-                 used: list[str] | None = None, algorithm: Algorithm | None = None, evaluator: Executor | None = None,
+    def __init__(self, cfg: Config, dataset: Dataset, run: RunDir, *, evaluator: Evaluator,
+                 tiers: list[str] | None = None, used: list[str] | None = None, algorithm: Algorithm | None = None,
                  extras: Callable[[], dict] | None = None, say: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         self.dataset = dataset
@@ -50,9 +56,7 @@ class TrainingLogic:
         self.params = {t: count_parameters(get_model(t, dataset.in_channels, dataset.num_classes)) for t in self.tiers}
         self.used_tiers: list[str] = list(used or [])
         self.scores = Scoreboard(self._scored())
-        self._evaluator = evaluator or LocalExecutor(WorkerContext(
-            self.algorithm, {}, Split(dataset.test.images, dataset.test.labels), dataset.num_classes,
-            cfg.eval.batch_size))
+        self._evaluator = evaluator
         self._catalogue = load_catalogue()  # read once: --tier auto registrations consult it
         self._memory_fraction = load_profiles(DEVICES_PATH)[1].memory_fraction
     def _scored(self) -> list[str]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from gefl.errors import GeflError
 from gefl.files import atomic_write
-from gefl.wire import arrays_digest, decode_arrays, encode_arrays
+from gefl.protocol.wire import arrays_digest, decode_arrays, encode_arrays
 
 if TYPE_CHECKING:  # the aggregator's coordinator writes checkpoints without importing torch
     import torch

@@ -16,17 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from gefl import checkpoint
 from gefl.errors import GeflError
-from gefl.federation import GENERATOR, ClientResult, Federation, Phase, RoundInfo, round_traffic, task_seed
-from gefl.wire import arrays_digest
-
-if TYPE_CHECKING:  # the aggregator's coordinator runs this loop without importing torch
-    from gefl.device_sim import DeviceSimulation
+from gefl.protocol.wire import arrays_digest
+from gefl.rounds import checkpoint
+from gefl.rounds.federation import GENERATOR, ClientResult, Federation, Phase, RoundInfo, round_traffic, task_seed
 
 Say = Callable[[str], None]
 
@@ -41,7 +38,7 @@ def upload_name(phase: str) -> str:
 
 class RoundLogic(Protocol):
     """What a round sends, how a result is checked and how results are combined (training in
-    gefl.training_logic; echo rounds in the transport benchmark, so it measures this very loop)."""
+    gefl.rounds.training_logic; echo rounds in the transport benchmark, so it measures this very loop)."""
 
     def phases(self) -> list[Phase]: ...
 
@@ -65,6 +62,20 @@ class RoundLogic(Protocol):
     def finish(self, clients: list[dict], wall_s: float) -> None:
         """Write the run's results; `clients` describes every client (no tokens); `wall_s`: the run's
         wall time across restarts."""
+
+
+class Clock(Protocol):
+    """A simulated device clock (gefl.simulation.device_sim.DeviceSimulation): when each result
+    would have arrived from its device, and which missed the round's deadline."""
+
+    def client_seconds(self, client_id: int, samples: int, bytes_moved: int, generator_phase: bool) -> float: ...
+
+    def close_round(self, seconds: dict[int, float]) -> tuple[list[int], float]:
+        """(the late clients, the round's simulated duration)."""
+
+    def clock_state(self) -> dict: ...
+
+    def restore_clock(self, state: dict) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,7 @@ class RoundLoop:
 
     def __init__(self, logic: RoundLogic, grid: Grid, *, num_clients: int, quorum: int = 1,
                  client_fraction: float = 1.0, seed: int = 0, eval_every: int = 10,
-                 checkpoint_path: Path | None = None, devices: DeviceSimulation | None = None,
+                 checkpoint_path: Path | None = None, devices: Clock | None = None,
                  train_epochs: int = 1, generator_epochs: int = 1, say: Say = print) -> None:
         self.logic = logic
         self.grid = grid

@@ -19,7 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gefl.algorithms import Algorithm, GeneratorAlgorithm
-from gefl.devices import (
+from gefl.errors import GeflError
+from gefl.tiers.devices import (
     Catalogue,
     DeviceProfile,
     Policy,
@@ -29,7 +30,6 @@ from gefl.devices import (
     select_tier,
     transfer_s,
 )
-from gefl.errors import GeflError
 
 if TYPE_CHECKING:
     from gefl.config import Config

@@ -19,10 +19,10 @@ from typing import Protocol
 import torch
 
 from gefl.algorithms import Algorithm, ClientResult, ClientTask
+from gefl.algorithms.training import accuracy
 from gefl.data import Split
-from gefl.models import get_model
-from gefl.training import accuracy
-from gefl.wire import decode_state
+from gefl.protocol.wire import decode_state
+from gefl.tiers.models import get_model
 
 
 @dataclass

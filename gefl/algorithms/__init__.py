@@ -14,17 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gefl.aggregation import StateDict, Update, fedavg, lg_fedavg, nonfinite_entries, per_architecture
-from gefl.data import IMAGE_SIZE, Split, public_images
-from gefl.errors import GeflError
-from gefl.federation import GENERATOR, HEAD, TRAIN, WARMUP, ClientResult, ClientTask, Phase, RoundInfo
-from gefl.generators import FEATURE, IMAGE, STATS_PREFIX, Generator, build_generator
-from gefl.generators.cvae import statistics_problem
-from gefl.models import FE_CHANNELS, TierNet, get_model
-from gefl.optim import Adam
-from gefl.registry import Registry
-from gefl.schema import Config
-from gefl.training import (
+from gefl.algorithms.aggregation import StateDict, Update, fedavg, lg_fedavg, nonfinite_entries, per_architecture
+from gefl.algorithms.training import (
     distil,
     extract_features,
     predict_logits,
@@ -33,7 +24,16 @@ from gefl.training import (
     train_generator,
     train_on_generated,
 )
-from gefl.wire import decode_state, encode_state
+from gefl.data import IMAGE_SIZE, Split, public_images
+from gefl.errors import GeflError
+from gefl.generators import FEATURE, IMAGE, STATS_PREFIX, Generator, build_generator
+from gefl.generators.cvae import statistics_problem
+from gefl.optim import Adam
+from gefl.protocol.wire import decode_state, encode_state
+from gefl.registry import Registry
+from gefl.rounds.federation import GENERATOR, HEAD, TRAIN, WARMUP, ClientResult, ClientTask, Phase, RoundInfo
+from gefl.schema import Config
+from gefl.tiers.models import FE_CHANNELS, TierNet, get_model
 
 
 @dataclass

@@ -63,7 +63,7 @@ from urllib.parse import urlsplit
 
 from gefl.errors import GeflError
 from gefl.protocol import valid_client_name
-from gefl.wire import CHUNK_BYTES
+from gefl.protocol.wire import CHUNK_BYTES
 
 if TYPE_CHECKING:  # paho is imported by Connection only: parsing URLs and messages does not need it
     import paho.mqtt.client as mqtt

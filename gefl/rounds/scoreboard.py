@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gefl.config import Config
-from gefl.federation import mean_by_name
+from gefl.rounds.federation import mean_by_name
 
 
 @dataclass

@@ -25,8 +25,8 @@ from safetensors.torch import save as _save_torch
 from gefl.config import Config, to_dict
 from gefl.errors import GeflError
 from gefl.files import atomic_write
-from gefl.models import TierNet, get_model
-from gefl.wire import canonical
+from gefl.protocol.wire import canonical
+from gefl.tiers.models import TierNet, get_model
 
 if TYPE_CHECKING:
     from gefl.algorithms import GlobalState

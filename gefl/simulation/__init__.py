@@ -1,6 +1,6 @@
-"""A whole federation on one machine: the one round loop (gefl.loop) with in-process clients.
+"""A whole federation on one machine: the one round loop (gefl.rounds.loop) with in-process clients.
 
-The clients are worker processes of this machine (gefl.executor), reached through `PoolGrid`,
+The clients are worker processes of this machine (gefl.simulation.executor), reached through `PoolGrid`,
 the in-process counterpart of the aggregator's coordinator: the round loop, the checkpoints,
 the device clock and the metrics are those an aggregator runs.
 """
@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 from gefl.algorithms import ClientTask, make_algorithm
-from gefl.checkpoint import CHECKPOINT
 from gefl.config import Config, config_from_dict, load_config
 from gefl.data import Dataset, Split, client_indices, label_histogram, load_dataset
-from gefl.device_sim import format_device_summary, simulated_devices
 from gefl.errors import GeflError
-from gefl.executor import Executor, WorkerContext, default_workers, make_executor
-from gefl.loop import Accept, Delivery, RoundLoop, RoundPlan
-from gefl.rundir import RunDir
-from gefl.training_logic import TrainingLogic, format_summary
+from gefl.rounds.checkpoint import CHECKPOINT
+from gefl.rounds.loop import Accept, Delivery, RoundLoop, RoundPlan
+from gefl.rounds.rundir import RunDir
+from gefl.rounds.training_logic import TrainingLogic, format_summary
+from gefl.simulation.device_sim import format_device_summary, simulated_devices
+from gefl.simulation.executor import Executor, WorkerContext, default_workers, make_executor
 
 Progress = Callable[[str], None]
 
