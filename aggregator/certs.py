@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gefl.errors import GeflError
-from gefl.files import atomic_write
+from gefl.files import atomic_write, read_file
 from gefl.protocol import MAX_NAME, valid_client_name
 
 DEFAULT_SERVER_NAMES = ("localhost",)
@@ -155,13 +155,6 @@ def _unique(items: list) -> list:
 
 
 # ---------------------------------------------------------------------------------------- files
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise GeflError(f"cannot read the {what} {path}: {exc.strerror}") from exc
-
-
 def _write(path: Path, data: bytes, private: bool) -> None:
     """Write through a temporary file and rename, so an interrupted run never leaves half a PEM file
     where the next run would take it for a finished one. Private keys get mode 0600 from the start,
@@ -198,14 +191,14 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 def load_cert(path: Path, what: str = "certificate") -> x509.Certificate:
     """A PEM certificate from disk, or a GeflError that names the file."""
     try:
-        return x509.load_pem_x509_certificate(_read(path, what))
+        return x509.load_pem_x509_certificate(read_file(path, what))
     except ValueError as exc:
         raise GeflError(f"{path} is not a PEM certificate ({exc})") from exc
 
 
 def _load_key(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
     try:
-        key = serialization.load_pem_private_key(_read(path, what), password=None)
+        key = serialization.load_pem_private_key(read_file(path, what), password=None)
     except (ValueError, TypeError) as exc:  # TypeError: encrypted with a passphrase
         raise GeflError(f"{path} is not an unencrypted PEM private key ({exc})") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):

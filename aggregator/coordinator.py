@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
@@ -32,9 +33,9 @@ from gefl.protocol.wire import sha256
 from gefl.rounds.federation import ClientResult, Federation
 from gefl.rounds.loop import Accept, Delivery, RoundLoop, RoundPlan
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+log = logging.getLogger(__name__)
 
-Say = Callable[[str], None]
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class Admission(Protocol):
@@ -85,11 +86,10 @@ class Coordinator:
     retries = True
     """A round short of its quorum runs again: clients on a network come back."""
 
-    def __init__(self, admission: Admission, settings: Settings, enrol_token: str, say: Say = print) -> None:
+    def __init__(self, admission: Admission, settings: Settings, enrol_token: str) -> None:
         self.admission = admission
         self.settings = settings
         self._enrol_sha256 = _hash(enrol_token)
-        self.say = say
         self.loop: RoundLoop | None = None
         """The round loop driving this coordinator (set by build_coordinator)."""
         self.clients: dict[int, Client] = {}
@@ -182,12 +182,12 @@ class Coordinator:
                                   "clients are registered (num_clients); a device that registered before gets "
                                   "its place back by registering with the same name")
                 client_id = len(self.clients)
-                self.say(f"client {client_id} registered: {name}, {request.num_samples} samples, tier {tier} "
+                log.info(f"client {client_id} registered: {name}, {request.num_samples} samples, tier {tier} "
                          f"({reason})")
             else:
                 old = self.clients[client_id]
                 self._by_token.pop(old.token_sha256, None)
-                self.say(f"client {client_id} registered again: {name}, tier {tier}")
+                log.info(f"client {client_id} registered again: {name}, tier {tier}")
             client = Client(client_id, name, tier, _hash(token), request.num_samples,
                             [int(n) for n in request.label_histogram], True, time.monotonic())
             self.clients[client_id] = client
@@ -219,7 +219,7 @@ class Coordinator:
         client.last_seen = time.monotonic()
         if not client.online:
             client.online = True
-            self.say(f"client {client.client_id} ({client.name}) is back")
+            log.info(f"client {client.client_id} ({client.name}) is back")
             self._cond.notify_all()
 
     def on_offline(self, client: Client, hook: Callable[[], Any]) -> Callable[[], None]:
@@ -239,7 +239,7 @@ class Coordinator:
         with self._cond:
             if client.online and not self.finished:
                 client.online = False
-                self.say(f"client {client.client_id} ({client.name}) is offline: {why}; not waiting for it")
+                log.warning(f"client {client.client_id} ({client.name}) is offline: {why}; not waiting for it")
                 self._cond.notify_all()
 
     def heartbeat(self, client: Client) -> tuple[int, bool]:
@@ -293,7 +293,7 @@ class Coordinator:
             try:
                 listener(event)
             except Exception as exc:  # a transport's failure must not stop the rounds
-                self.say(f"listener failed on {event}: {exc!r}")
+                log.exception(f"listener failed on {event}: {exc!r}")
 
     def _task(self, plan: RoundPlan, client: Client) -> TaskInfo:
         info = plan.info
@@ -389,7 +389,7 @@ class Coordinator:
 
     def log_refusal(self, client: Client, round_number: int, exc: Refused) -> None:
         exc.logged = True
-        self.say(f"round {round_number}: upload from client {client.client_id} ({client.name}) refused "
+        log.warning(f"round {round_number}: upload from client {client.client_id} ({client.name}) refused "
                  f"[{exc.code}]: {exc}; the global state is unchanged by it")
 
     # ------------------------------------------------------------------ the grid, for the round loop
@@ -406,7 +406,7 @@ class Coordinator:
         for client in self.clients.values():
             if client.online and now - client.last_seen > self.settings.heartbeat_timeout:
                 client.online = False
-                self.say(f"client {client.client_id} ({client.name}) is offline: no heartbeat for "
+                log.warning(f"client {client.client_id} ({client.name}) is offline: no heartbeat for "
                          f"{now - client.last_seen:.1f} s; not waiting for it")
                 for hook in self._offline_hooks.get(client.client_id, []):
                     hook()
@@ -425,7 +425,7 @@ class Coordinator:
             if len(online) >= quorum:
                 return online
             if not waiting_said:
-                self.say(f"waiting for clients: {len(online)} of {quorum} online")
+                log.info(f"waiting for clients: {len(online)} of {quorum} online")
                 waiting_said = True
             with self._cond:
                 self._cond.wait(0.2)

@@ -22,6 +22,7 @@ from gefl.protos import gefl_v1_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gefl.errors import GeflError
+from gefl.files import read_file
 from gefl.protocol import Refused, RegisterRequest, UploadHeader
 from gefl.protocol.wire import chunks
 
@@ -172,13 +173,6 @@ class TlsFiles:
     """When given, clients must present a certificate signed by it (mutual TLS)."""
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise GeflError(f"cannot read the {what} {path}: {exc.strerror}") from exc
-
-
 MAX_HEALTH_WATCHES = 16
 """Open Health.Watch streams at once. They need no token, and gRPC counts every open stream against
 one concurrency limit: unbounded, a burst of them would crowd out the federation's own calls."""
@@ -221,8 +215,8 @@ def start_server(coordinator: Coordinator, listen: str, tls: TlsFiles | None = N
         port = server.add_insecure_port(listen)
     else:
         credentials = grpc.ssl_server_credentials(
-            [(_read(tls.key, "TLS key"), _read(tls.cert, "TLS certificate"))],
-            root_certificates=_read(tls.client_ca, "client CA certificate") if tls.client_ca else None,
+            [(read_file(tls.key, "TLS key"), read_file(tls.cert, "TLS certificate"))],
+            root_certificates=read_file(tls.client_ca, "client CA certificate") if tls.client_ca else None,
             require_client_auth=tls.client_ca is not None)
         port = server.add_secure_port(listen, credentials)
     if port == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -20,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from gefl.aggregator.coordinator import Coordinator
@@ -30,10 +30,12 @@ from gefl.aggregator.serve import build_coordinator
 from gefl.algorithms import make_algorithm
 from gefl.config import Config
 from gefl.data import load_dataset
-from gefl.data.image_folder import client_dir_name, write_split
 from gefl.errors import GeflError
+from gefl.image_folder import client_dir_name, write_split
 from gefl.rounds.rundir import RunDir
 from gefl.simulation.device_sim import simulated_devices
+
+log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 120.0
 
@@ -45,33 +47,32 @@ def _client_command(aggregator: str, data_dir: Path, tier: str, name: str, state
             "--state-dir", str(state_dir)]
 
 
-def _wait_registered(coordinator: Coordinator, count: int, process: subprocess.Popen, log: Path) -> None:
+def _wait_registered(coordinator: Coordinator, count: int, process: subprocess.Popen, log_file: Path) -> None:
     until = time.monotonic() + REGISTER_TIMEOUT_S
     while len(coordinator.clients) < count:
         if process.poll() is not None:
-            tail = log.read_text()[-2000:] if log.exists() else ""
+            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
             raise GeflError(f"client process {count - 1} exited with code {process.returncode} before registering; "
-                            f"its log ({log}) ends with:\n{tail}")
+                            f"its log ({log_file}) ends with:\n{tail}")
         if time.monotonic() > until:
-            raise GeflError(f"client {count - 1} did not register within {REGISTER_TIMEOUT_S:.0f} s; see {log}")
+            raise GeflError(f"client {count - 1} did not register within {REGISTER_TIMEOUT_S:.0f} s; see {log_file}")
         time.sleep(0.02)
 
 
 def simulate_over_network(cfg: Config, transport: str = "grpc", *, broker: str | None = None,
-                          out: str | Path | None = None, progress: Callable[[str], None] | None = print) -> dict:
+                          out: str | Path | None = None) -> dict:
     """transport: grpc or mqtt; `broker` (mqtt only): a broker URL to use instead of starting Mosquitto."""
     if transport not in ("grpc", "mqtt"):
         raise GeflError(f"transport {transport!r} is not a network transport: grpc or mqtt")
     if broker is not None and transport != "mqtt":
         raise GeflError("--broker is for --transport mqtt")
-    say = progress or (lambda _m: None)
     RunDir.check_target(out)
     devices = simulated_devices(cfg, load_dataset(cfg.dataset, cfg.data_dir), make_algorithm(cfg))
     if devices is not None:
         cfg = dataclasses.replace(cfg, num_clients=len(devices.clients))
     run = RunDir.create(out, cfg)
     token = secrets.token_urlsafe(24)
-    coordinator = build_coordinator(cfg, run.path, token, say, devices)
+    coordinator = build_coordinator(cfg, run.path, token, devices)
     with contextlib.ExitStack() as stack:
         if transport == "grpc":
             server, port, _ = start_server(coordinator, "127.0.0.1:0")
@@ -85,16 +86,16 @@ def simulate_over_network(cfg: Config, transport: str = "grpc", *, broker: str |
 
             if broker is None:
                 broker = stack.enter_context(Mosquitto()).url
-            bridge = MqttBridge(coordinator, parse_broker_url(broker), MqttAuth(), say)
+            bridge = MqttBridge(coordinator, parse_broker_url(broker), MqttAuth())
             bridge.start()
             stack.callback(bridge.stop)
             aggregator = str(bridge.url)
-        _run_clients(cfg, coordinator, run, aggregator, token, transport, say)
+        _run_clients(cfg, coordinator, run, aggregator, token, transport)
     return json.loads((run.path / "summary.json").read_text())
 
 
-def _run_clients(cfg: Config, coordinator: Coordinator, run: RunDir, aggregator: str, token: str, transport: str,
-                 say: Callable[[str], None]) -> None:
+def _run_clients(cfg: Config, coordinator: Coordinator, run: RunDir, aggregator: str, token: str,
+                 transport: str) -> None:
     logs = run.path / "clients"
     logs.mkdir(exist_ok=True)
     processes: list[subprocess.Popen] = []
@@ -104,21 +105,20 @@ def _run_clients(cfg: Config, coordinator: Coordinator, run: RunDir, aggregator:
     with tempfile.TemporaryDirectory(prefix="gefl-shards-") as shards:
         p = cfg.partition
         write_split(cfg.dataset, cfg.num_clients, Path(shards), kind=p.kind, samples_per_client=p.samples_per_client,
-                    alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed, data_dir=cfg.data_dir,
-                    progress=None)
-        say(f"gefl simulate --transport {transport}: aggregator at {aggregator}, {cfg.num_clients} client "
+                    alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed, data_dir=cfg.data_dir)
+        log.info(f"gefl simulate --transport {transport}: aggregator at {aggregator}, {cfg.num_clients} client "
             f"processes; client logs in {logs}")
         env = {**os.environ, "GEFL_TOKEN": token, "PYTHONUNBUFFERED": "1"}
         try:
             driver.start()
             for c in range(cfg.num_clients):
                 name = client_dir_name(c)
-                log = logs / f"{name}.log"
-                with open(log, "w") as f:
+                client_log = logs / f"{name}.log"
+                with open(client_log, "w") as f:
                     processes.append(subprocess.Popen(
                         _client_command(aggregator, Path(shards) / name, tier_of(c), name, Path(shards) / "state"),
                         stdout=f, stderr=subprocess.STDOUT, env=env))
-                _wait_registered(coordinator, c + 1, processes[-1], log)
+                _wait_registered(coordinator, c + 1, processes[-1], client_log)
             while driver.is_alive():
                 driver.join(0.5)
                 if all(proc.poll() is not None for proc in processes) and not coordinator.federation.finished:

@@ -19,12 +19,12 @@ already counted is answered "already counted", not refused.
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gefl.aggregator.coordinator import Client, Coordinator
@@ -42,6 +42,8 @@ from gefl.protocol import (
 )
 from gefl.protocol import mqtt as m
 from gefl.protocol.wire import CHUNK_BYTES, chunks, sha256
+
+log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 256
 """Messages waiting for the worker; when full, paho's thread waits (back-pressure on the broker)."""
@@ -92,11 +94,9 @@ def task_message(task: TaskInfo, task_id: str, hashes: dict[str, list[str]] | No
 
 
 class MqttBridge:
-    def __init__(self, coordinator: Coordinator, url: m.BrokerUrl, auth: m.MqttAuth,
-                 say: Callable[[str], None] = print) -> None:
+    def __init__(self, coordinator: Coordinator, url: m.BrokerUrl, auth: m.MqttAuth) -> None:
         self.coordinator = coordinator
-        self.say = say
-        self._log_drop = m.LogLimiter(say)
+        self._log_drop = m.LogLimiter(log)
         self.topics = m.Topics(m.check_federation(url.federation or coordinator.admission.federation))
         self.url = m.BrokerUrl(url.host, url.port, url.tls, self.topics.federation)
         self._session = secrets.token_hex(4)
@@ -120,7 +120,7 @@ class MqttBridge:
         self._worker = threading.Thread(target=self._work, name="gefl-mqtt-bridge", daemon=True)
         offline = (self.topics.aggregator_status, m.encode_json({"status": "offline"}), True)
         self.connection = m.Connection(self.url, f"gefl-aggregator-{self.topics.federation}-{self._session}", auth,
-                                       on_message=self._queue.put, on_connect=self._on_connect, will=offline, say=say)
+                                       on_message=self._queue.put, on_connect=self._on_connect, will=offline)
         self._offline = offline
         coordinator.add_listener(lambda event: self._queue.put(("event", event)))
 
@@ -183,7 +183,7 @@ class MqttBridge:
                     self._on_message(item.topic, item.payload)
             except Exception as exc:  # noqa: BLE001 - one bad message must never stop the bridge
                 self.dropped += 1
-                self.say(f"mqtt: dropped a message: unexpected {exc!r}")
+                log.exception(f"mqtt: dropped a message: unexpected {exc!r}")
 
     def _drop(self, topic: str, why: str) -> None:
         self.dropped += 1

@@ -9,11 +9,11 @@ way to run without one. Plaintext off loopback takes an explicit `insecure`.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,8 @@ from gefl.rounds.training_logic import TrainingLogic
 from gefl.simulation.device_sim import DeviceSimulation
 from gefl.simulation.executor import LocalExecutor, WorkerContext
 
+log = logging.getLogger(__name__)
+
 TOKEN_FILE = "enrolment-token"
 
 
@@ -44,7 +46,7 @@ def settings_for(cfg: Config) -> Settings:
                     eval_every=cfg.eval.every)
 
 
-def enrolment_token(state_dir: Path, given: str | None, say: Callable[[str], None]) -> str:
+def enrolment_token(state_dir: Path, given: str | None) -> str:
     path = state_dir / TOKEN_FILE
     if given:
         return given
@@ -55,12 +57,12 @@ def enrolment_token(state_dir: Path, given: str | None, say: Callable[[str], Non
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     # The token itself stays out of the log (logs are read by more people than the state directory).
-    say(f"enrolment token written to {path} (readable by its owner only): give it to the clients in "
+    log.info(f"enrolment token written to {path} (readable by its owner only): give it to the clients in "
         "GEFL_TOKEN or a --token-file")
     return token
 
 
-def build_coordinator(cfg: Config, state_dir: Path, token: str | None, say: Callable[[str], None],
+def build_coordinator(cfg: Config, state_dir: Path, token: str | None,
                       devices: DeviceSimulation | None = None) -> Coordinator:
     """The coordinator of a training federation on `state_dir` and the round loop that drives it,
     resumed from its checkpoint if it has one. `devices`: a simulated device clock (`gefl simulate
@@ -71,15 +73,14 @@ def build_coordinator(cfg: Config, state_dir: Path, token: str | None, say: Call
     algorithm = make_algorithm(cfg)
     evaluator = LocalExecutor(WorkerContext(algorithm, {}, Split(dataset.test.images, dataset.test.labels),
                                             dataset.num_classes, cfg.eval.batch_size))
-    logic = TrainingLogic(cfg, dataset, run, evaluator=evaluator, algorithm=algorithm, say=say, extras=lambda: {
+    logic = TrainingLogic(cfg, dataset, run, evaluator=evaluator, algorithm=algorithm, extras=lambda: {
         **extras, **({"devices": devices.summary()} if devices is not None else {})})
     settings = settings_for(cfg)
-    coordinator = Coordinator(logic, settings, enrolment_token(run.path, token, say), say)
+    coordinator = Coordinator(logic, settings, enrolment_token(run.path, token))
     coordinator.loop = RoundLoop(logic, coordinator, num_clients=cfg.num_clients, quorum=settings.min_clients,
                                  client_fraction=cfg.client_fraction, seed=cfg.seed, eval_every=cfg.eval.every,
                                  checkpoint_path=run.path / CHECKPOINT, devices=devices,
-                                 train_epochs=cfg.train.local_epochs, generator_epochs=cfg.gefl.generator.local_epochs,
-                                 say=say)
+                                 train_epochs=cfg.train.local_epochs, generator_epochs=cfg.gefl.generator.local_epochs)
     coordinator.on_registry_change = coordinator.loop.save_checkpoint
     return coordinator
 
@@ -91,7 +92,7 @@ class MqttEndpoint:
 
 
 def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls: TlsFiles | None = None,
-          mqtt: MqttEndpoint | None = None, token: str | None = None, say: Callable[[str], None] = print,
+          mqtt: MqttEndpoint | None = None, token: str | None = None,
           insecure: bool = False) -> int:
     """Serve over gRPC on `listen`, over MQTT through `mqtt`'s broker, or both at once (one federation),
     until every round is done (or SIGTERM / Ctrl-C); returns the rounds completed."""
@@ -101,7 +102,7 @@ def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls:
         check_plaintext(listen.rsplit(":", 1)[0], "serving gRPC", insecure)
     if mqtt is not None and not mqtt.url.tls:
         check_plaintext(mqtt.url.host, "MQTT (mqtt://)", insecure)
-    coordinator = build_coordinator(cfg, Path(state_dir), token, say)
+    coordinator = build_coordinator(cfg, Path(state_dir), token)
     server = health = bridge = None
     faces = []
     try:
@@ -112,11 +113,11 @@ def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls:
         if mqtt is not None:
             from gefl.aggregator.mqtt_bridge import MqttBridge
 
-            bridge = MqttBridge(coordinator, mqtt.url, mqtt.auth, say)
+            bridge = MqttBridge(coordinator, mqtt.url, mqtt.auth)
             bridge.start()
             faces.append(f"MQTT via {bridge.url} ({'TLS' if mqtt.url.tls else 'no TLS'}; clients use "
                          f"--aggregator {bridge.url})")
-        say(f"gefl aggregator: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients (quorum "
+        log.info(f"gefl aggregator: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients (quorum "
             f"{coordinator.quorum}), {coordinator.federation.total_rounds} rounds; serving {' and '.join(faces)}; "
             f"state in {state_dir}")
         if threading.current_thread() is threading.main_thread():

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else tmp / "run"
         if not args.run_dir:
             print("training the quickstart run to export (a few minutes)")
-            simulate(load_config(ROOT / "configs" / "quickstart.yaml"), out=run_dir, progress=None)
+            simulate(load_config(ROOT / "configs" / "quickstart.yaml"), out=run_dir)
         report = export_run(run_dir, tmp / "onnx", quantize_mode="static")
         rng = np.random.default_rng(0)
         inputs = {b: rng.standard_normal((b, 1, 32, 32)).astype(np.float32) for b in CALLS}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -158,6 +159,15 @@ def write_results(out: Path, results: dict) -> None:
     out.with_suffix(".md").write_text("\n".join(rows) + "\n")
 
 
+def _print_evaluated_rounds() -> None:
+    """Of gefl's progress lines, those of rounds that were evaluated (they carry accuracies), indented."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("   %(message)s"))
+    handler.addFilter(lambda record: "acc" in record.getMessage())
+    logging.getLogger("gefl").addHandler(handler)
+    logging.getLogger("gefl").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", help=f"rows to run (default: {' '.join(CONFIGS)}; "
@@ -190,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(previous.read_text())
         results["command"] += f"; then {command}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    _print_evaluated_rounds()
     for seed in args.seeds:  # seed-major, so a cut-short benchmark still compares configs on equal seeds
         for name in names:
             if any(r["seed"] == seed for r in results["configs"].get(name, {}).get("runs", [])):
@@ -199,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(path, [*variant, *args.set, f"seed={seed}"])
             print(f"== {name} seed {seed}", flush=True)
             run_dir = Path(args.runs_dir) / f"{stamp}-{name}-s{seed}"
-            summary = simulate(cfg, out=run_dir,
-                               progress=lambda msg: print(f"   {msg}", flush=True) if "acc" in msg else None)
+            summary = simulate(cfg, out=run_dir)
             source = " ".join([str(path.relative_to(ROOT)), *(f"--set {v}" for v in [*variant, *args.set])])
             entry = results["configs"].setdefault(name, {"config": source, "runs": []})
             has_generator = (run_dir / "weights" / "generator.safetensors").is_file()

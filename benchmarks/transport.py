@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import queue
@@ -187,25 +188,30 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
     log: list[tuple[float, str]] = []
 
-    def say(text: str) -> None:
-        # Called inside the coordinator's lock for registrations: the timestamp of the last
-        # registration is therefore before round 1 opens, never after.
-        log.append((time.monotonic(), text))
-        if args.verbose:
-            print(f"  aggregator: {text}", file=sys.stderr, flush=True)
+    class Timed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            # Logged inside the coordinator's lock for registrations: the timestamp of the last
+            # registration is therefore before round 1 opens, never after.
+            log.append((time.monotonic(), record.getMessage()))
+            if args.verbose:
+                print(f"  aggregator: {record.getMessage()}", file=sys.stderr, flush=True)
+
+    gefl_log = logging.getLogger("gefl")
+    gefl_log.addHandler(Timed())
+    gefl_log.setLevel(logging.INFO)
 
     logic = EchoLogic(args.size, args.rounds)
     settings = Settings(num_clients=args.clients, min_clients=args.min_clients, round_timeout=ROUND_TIMEOUT_S,
                         heartbeat_interval=HEARTBEAT_INTERVAL_S, heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
-    coordinator = Coordinator(logic, settings, TOKEN, say=say)
-    coordinator.loop = RoundLoop(logic, coordinator, num_clients=args.clients, quorum=args.min_clients, say=say)
+    coordinator = Coordinator(logic, settings, TOKEN)
+    coordinator.loop = RoundLoop(logic, coordinator, num_clients=args.clients, quorum=args.min_clients)
     if args.transport == "mqtt":  # the bridge to the broker the parent started on --port
         from gefl.aggregator.mqtt_bridge import MqttBridge
 
         from gefl.protocol.mqtt import MqttAuth, parse_broker_url
 
         bridge = MqttBridge(coordinator, parse_broker_url(f"mqtt://127.0.0.1:{args.port}/{logic.federation}"),
-                            MqttAuth(), say)
+                            MqttAuth())
         bridge.start()
         port, stop = args.port, bridge.stop
     else:
@@ -245,7 +251,7 @@ def _own_connection_transport(address: str) -> Any:
 
         from gefl.protocol.mqtt import MqttAuth, parse_broker_url
 
-        return MqttClientTransport(parse_broker_url(address), TOKEN, MqttAuth(), say=lambda _m: None)
+        return MqttClientTransport(parse_broker_url(address), TOKEN, MqttAuth())
     from gefl.edge_client.grpc_transport import GrpcClientTransport
 
     return GrpcClientTransport(address, TOKEN, channel_options=[("grpc.use_local_subchannel_pool", 1)])

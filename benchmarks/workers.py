@@ -30,7 +30,7 @@ def round_seconds(workers: int, rounds: int, tmp: Path) -> list[float]:
     cfg = load_config(ROOT / "configs" / "paper" / "fmnist-fedavg.yaml",
                       [f"rounds={rounds}", "eval.every=1000", f"workers={workers}"])
     out = tmp / f"w{workers}"
-    simulate(cfg, out=out, progress=None)
+    simulate(cfg, out=out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["seconds"] for r in records if "accuracy" not in r]
 

@@ -19,6 +19,7 @@ from gefl.protos import gefl_v1_pb2 as pb
 from gefl.protos import gefl_v1_pb2_grpc as pb_grpc
 
 from gefl.errors import GeflError
+from gefl.files import read_file
 from gefl.protocol import (
     ArtifactRef,
     Refused,
@@ -51,12 +52,7 @@ def _translate(exc: grpc.RpcError, what: str) -> GeflError:
 
 
 def _read(path: str | Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise GeflError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+    return None if path is None else read_file(path, what)
 
 
 class GrpcClientTransport:

@@ -13,6 +13,7 @@ the token, so that the client reconnects once after its first registration to se
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import secrets
@@ -36,6 +37,8 @@ from gefl.protocol import (
 )
 from gefl.protocol import mqtt as m
 from gefl.protocol.wire import CHUNK_BYTES, chunks, sha256
+
+log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 30.0
 """How long a registration or an upload's verdict may take before the request is sent again."""
@@ -101,9 +104,8 @@ class MqttClientTransport:
     hashes their sealed task lists, and a malformed or unauthenticated message is dropped with a log
     line, so nothing another broker user publishes can make it stop, stall or train on other data."""
 
-    def __init__(self, url: m.BrokerUrl, enrol_token: str, auth: m.MqttAuth,
-                 say: Callable[[str], None] = print) -> None:
-        self.url, self.auth, self.say = url, auth, say
+    def __init__(self, url: m.BrokerUrl, enrol_token: str, auth: m.MqttAuth) -> None:
+        self.url, self.auth = url, auth
         self.address = str(url)
         self.enrol_token = enrol_token
         self.token = ""
@@ -126,7 +128,7 @@ class MqttClientTransport:
         self._downloads: dict[str, _Download] = {}
         self._unauthenticated = False
         self._finished = False
-        self._drop_log = m.LogLimiter(say)
+        self._drop_log = m.LogLimiter(log)
 
     # ------------------------------------------------------------------ connection
     def _connect(self, name: str, credential: str = "") -> m.Connection:
@@ -142,7 +144,7 @@ class MqttClientTransport:
         # connection's will is MAC'd with it, and no reconnection is needed after registering.
         self._will_token = credential
         self.connection = m.Connection(self.url, f"gefl-{federation}-{name}", self.auth, on_message=self._on_message,
-                                       on_connect=self._on_connect, will=self._will, say=self.say)
+                                       on_connect=self._on_connect, will=self._will)
         self.connection.start()
         return self.connection
 
@@ -165,7 +167,7 @@ class MqttClientTransport:
                 found[message.topic.split("/")[1]] = status if isinstance(status, str) else ""
 
         probe = m.Connection(self.url, f"gefl-discover-{secrets.token_hex(4)}", self.auth, on_message=seen,
-                             on_connect=lambda: probe.subscribe("gefl/+/aggregator/status"), say=self.say)
+                             on_connect=lambda: probe.subscribe("gefl/+/aggregator/status"))
         probe.start()
         try:
             if not probe.wait_connected(REPLY_TIMEOUT_S):

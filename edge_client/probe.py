@@ -42,8 +42,9 @@ _GIB = 1024**3
 
 
 @dataclass
-class DeviceProfile:
-    """The facts tier selection needs, in units that do not depend on the board."""
+class ProbeReport:
+    """What the probe measured, as it travels in a registration (bytes, the CUDA device or None).
+    The policy reads it as a gefl.tiers.devices.DeviceProfile (`DeviceProfile.from_probe`)."""
 
     arch: str
     cpu_count: int
@@ -59,7 +60,7 @@ class DeviceProfile:
         return asdict(self)
 
 
-def probe(root: str | Path = "/", *, measure: bool = True, use_cuda: bool = True) -> DeviceProfile:
+def probe(root: str | Path = "/", *, measure: bool = True, use_cuda: bool = True) -> ProbeReport:
     """Describe the device whose filesystem is mounted at `root` (the running machine for "/").
 
     A missing or unreadable file only makes the profile less specific; the probe runs on boards
@@ -70,7 +71,7 @@ def probe(root: str | Path = "/", *, measure: bool = True, use_cuda: bool = True
     real = _is_real_root(root)
     board, family = _detect_board(root)
     total, available = _real_memory() if real else _meminfo_memory(root / "proc/meminfo")
-    return DeviceProfile(
+    return ProbeReport(
         arch=(platform.machine() or "unknown") if real else _tree_arch(root),
         cpu_count=_real_cpu_count() if real else _tree_cpu_count(root),
         memory_total_bytes=total,
@@ -342,7 +343,7 @@ def _time_steps(seconds: float, batch_size: int) -> float:
 # --- text --------------------------------------------------------------------------------------
 
 
-def format_profile(profile: DeviceProfile) -> str:
+def format_profile(profile: ProbeReport) -> str:
     """The profile as a few aligned lines for a person at the board's terminal."""
     lines = [
         ("arch", f"{profile.arch}, {profile.cpu_count} {'core' if profile.cpu_count == 1 else 'cores'}"),

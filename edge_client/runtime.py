@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import random
 import socket
 import threading
@@ -23,8 +24,8 @@ import numpy as np
 from gefl.edge_client.credentials import CredentialStore
 from gefl.edge_client.transport import ClientTransport, Unauthenticated, Unavailable
 
-from gefl.data.image_folder import read_image_folder
 from gefl.errors import GeflError
+from gefl.image_folder import read_image_folder
 from gefl.protocol import (
     FINISHED,
     INVALID_ARGUMENT,
@@ -37,6 +38,8 @@ from gefl.protocol import (
     UploadHeader,
 )
 from gefl.protocol.wire import sha256
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Say = Callable[[str], None]
@@ -77,10 +80,9 @@ class ClientOptions:
 
 
 class ClientRuntime:
-    def __init__(self, transport: ClientTransport, options: ClientOptions, say: Say = print) -> None:
+    def __init__(self, transport: ClientTransport, options: ClientOptions) -> None:
         self.transport = transport
         self.options = options
-        self.say = say
         self.backoff = Backoff()
         self.stop = threading.Event()
         self.rounds_trained = 0
@@ -106,7 +108,7 @@ class ClientRuntime:
                     raise GeflError(f"gave up: the aggregator at {self.transport.address} has been unreachable for "
                                     f"{now - self._unreachable_since:.0f} s ({exc})") from exc
                 delay = self.backoff.next_delay()
-                self.say(f"{what}: {exc}; retrying in {delay:.1f} s")
+                log.warning(f"{what}: {exc}; retrying in {delay:.1f} s")
                 time.sleep(delay)
                 continue
             self._unreachable_since = None
@@ -140,14 +142,14 @@ class ClientRuntime:
                     if (new.federation, new.config_yaml) != (reg.federation, reg.config_yaml):
                         # An aggregator that forgot this client may serve another run now: its config,
                         # dataset and algorithm are what the next tasks need, not the first registration's.
-                        self.say(f"federation {new.federation!r} runs another config than the one this client "
+                        log.warning(f"federation {new.federation!r} runs another config than the one this client "
                                  "trained for; taking it")
                         cfg, split, algorithm, num_classes = self._prepare(new, images, labels, classes)
                         self._refused_rounds.clear()
                     reg = new
                     continue
                 if task.status == FINISHED:
-                    self.say(f"the run is finished; this client trained {self.rounds_trained} round(s)")
+                    log.info(f"the run is finished; this client trained {self.rounds_trained} round(s)")
                     return self.rounds_trained
                 if task.status == TRAIN and task.round in self._refused_rounds:
                     # Training it again would give the same result (the task's seed fixes it) and the
@@ -174,7 +176,7 @@ class ClientRuntime:
         reg = self._retrying("register", lambda: self.transport.register(request))
         if reg.token != held:
             self.credentials.save(address, request.name, reg.token)
-        self.say(f"registered with {self.transport.address} as client {reg.client_id} ({request.name}) in "
+        log.info(f"registered with {self.transport.address} as client {reg.client_id} ({request.name}) in "
                  f"federation {reg.federation!r}: tier {reg.tier} ({reg.tier_reason})")
         return reg
 
@@ -184,7 +186,7 @@ class ClientRuntime:
         from gefl.algorithms import make_algorithm
         from gefl.config import config_from_yaml
         from gefl.data import dataset_classes
-        from gefl.data.image_folder import client_split
+        from gefl.image_folder import client_split
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
@@ -213,7 +215,7 @@ class ClientRuntime:
                                              lambda r=ref: self.transport.download(task.round, r))
                     for ref in task.artifacts}
         except Refused as exc:
-            self.say(f"round {task.round}: {exc}")
+            log.warning(f"round {task.round}: {exc}")
             return
         client_task = ClientTask.from_artifacts(task.round, task.phase, reg.client_id, task.tier, task.seed, arts)
         result = algorithm.client_step(client_task, split, num_classes)
@@ -222,7 +224,7 @@ class ClientRuntime:
         try:
             self._retrying("upload", lambda: self.transport.upload(header, result.state))
         except Refused as exc:
-            self.say(f"round {task.round}: result not counted: {exc}")
+            log.warning(f"round {task.round}: result not counted: {exc}")
             if exc.code in (INVALID_ARGUMENT, RESOURCE_EXHAUSTED):  # about the result itself: it would recur
                 self._refused_rounds.add(task.round)
             else:  # a late or damaged upload: the next round (or a rerun of this one) may take it
@@ -230,5 +232,5 @@ class ClientRuntime:
             return
         self.refusal_backoff.reset()
         self.rounds_trained += 1
-        self.say(f"round {task.round} ({task.phase}): trained {task.tier} on {result.num_samples} samples, "
+        log.info(f"round {task.round} ({task.phase}): trained {task.tier} on {result.num_samples} samples, "
                  f"loss {result.loss:.4f}, {time.monotonic() - started:.1f}s")

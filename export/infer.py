@@ -18,8 +18,8 @@ import onnxruntime as ort
 from gefl.export.metadata import INPUT_NAME, ModelInfo
 from PIL import Image
 
-from gefl.data.image_folder import open_image
 from gefl.errors import GeflError
+from gefl.image_folder import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 BATCH_SIZE = 64
@@ -99,7 +99,7 @@ class Classifier:
 
 
 def load_image(path: Path) -> Image.Image:
-    """The image at `path`, read as a client's training images are (gefl.data.image_folder.open_image):
+    """The image at `path`, read as a client's training images are (gefl.image_folder.open_image):
     only image formats, a size cap before decoding, any decoder failure as an error naming the file."""
     return open_image(path)
 

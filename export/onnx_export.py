@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from gefl.data import MEAN, STD, Dataset, load_dataset
 from gefl.errors import GeflError
 from gefl.rounds.rundir import load_tier, run_tiers
 from gefl.tiers.models import TierNet
+
+log = logging.getLogger(__name__)
 
 PARITY_IMAGES = 256
 PARITY_TOLERANCE = 1e-4
@@ -98,7 +101,6 @@ def export_run(
     tiers: Sequence[str] | None = None,
     quantize_mode: str = "static",
     data_dir: str | Path | None = None,
-    progress: Callable[[str], None] = print,
 ) -> dict:
     """Export, verify and measure each tier of a run; write and return DIR/export_report.json."""
     run_dir, out = Path(run_dir), Path(out)
@@ -131,11 +133,11 @@ def export_run(
         entry = _export_tier(model, tier, dataset, report["run_id"], out, quantize_mode, calibration.numpy())
         entry["seconds"] = round(time.perf_counter() - started, 1)
         report["tiers"][tier] = entry
-        progress(format_tier(tier, entry))
+        log.info(format_tier(tier, entry))
         if not entry["fp32"]["parity_ok"]:
             failures.append(tier)
     (out / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    progress(f"report: {out / 'export_report.json'}")
+    log.info(f"report: {out / 'export_report.json'}")
     if failures:
         raise GeflError(f"the ONNX file of {', '.join(failures)} does not compute what the PyTorch model computes "
                         f"(max |logit difference| >= {PARITY_TOLERANCE} or top-1 disagreement); see the report")

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gefl import logs
 from gefl.errors import GeflError, unknown_name
 
 DEFAULT_CONFIG = "quickstart.yaml"
@@ -102,9 +103,8 @@ def _read_token_file(path: str) -> str:
     if mode & stat.S_IROTH:
         # A warning, not a refusal: a group-readable file (0640, group of the service's user) is a
         # sound set-up, and a world-readable one may be a deliberate test machine; but say it.
-        logging.getLogger("gefl").warning("gefl: warning: the token file %s is readable by every user of this "
-                                          "machine: chmod 600 %s (or 640 with the group of the user that runs "
-                                          "gefl)", path, path)
+        logging.getLogger(__name__).warning("the token file %s is readable by every user of this machine: chmod 600 "
+                                            "%s (or 640 with the group of the user that runs gefl)", path, path)
     return token
 
 
@@ -122,6 +122,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _aggregator_serve(args: argparse.Namespace) -> int:
     from gefl.aggregator.serve import MqttEndpoint, serve
+
     from gefl.protocol.mqtt import parse_broker_url
 
     cfg = _load(args)
@@ -134,7 +135,7 @@ def _aggregator_serve(args: argparse.Namespace) -> int:
         raise GeflError("--mqtt-user, --mqtt-ca and --mqtt-cert need --mqtt URL (the broker to serve through)")
     listen = args.listen or (None if mqtt else "0.0.0.0:50051")
     serve(cfg, args.state_dir, listen=listen, tls=tls, mqtt=mqtt, token=_token(args),
-          say=lambda m: print(m, flush=True), insecure=args.insecure)
+          insecure=args.insecure)
     return 0
 
 
@@ -168,7 +169,7 @@ def _client_run(args: argparse.Namespace) -> int:
     options = ClientOptions(Path(args.data_dir), tier=args.tier, name=args.name or args.mqtt_user, threads=args.threads,
                             give_up_s=args.give_up, state_dir=Path(args.state_dir) if args.state_dir else None,
                             share_label_histogram=args.share_label_histogram)
-    ClientRuntime(transport, options, say=lambda m: print(m, flush=True)).run()
+    ClientRuntime(transport, options).run()
     return 0
 
 
@@ -224,7 +225,8 @@ def _probe(args: argparse.Namespace) -> int:
     import json
 
     from gefl.edge_client.probe import format_profile, probe
-    from gefl.tiers.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
+
+    from gefl.tiers.devices import DEVICES_PATH, DeviceProfile, Policy, load_catalogue, load_profiles, select_tier
 
     _, defaults = load_profiles(DEVICES_PATH)
     policy = Policy(
@@ -244,8 +246,9 @@ def _probe(args: argparse.Namespace) -> int:
         # The opt-in tiers (torchvision backbones) only when asked for, as a federation offers them.
         candidates = args.tiers.split(",") if args.tiers else [t for t, c in catalogue.tiers.items() if not c.opt_in]
         # profile.cuda: the GPU this device's torch trains on (None: none, so a CPU-only build's memory figures).
-        choice = select_tier(candidates, profile.memory_available_bytes / 2**20, profile.train_samples_per_s,
-                             policy, catalogue, cuda=profile.cuda is not None)
+        device = DeviceProfile.from_probe(profile.to_dict(), profile.board or "this device")
+        choice = select_tier(candidates, device.memory_available_mb, device.train_samples_per_s, policy, catalogue,
+                             cuda=device.cuda)
         tier, reason = choice.tier, choice.reason
     if args.json:
         print(json.dumps({**profile.to_dict(), "tier": tier, "reason": reason}, indent=2))
@@ -284,7 +287,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _data_split(args: argparse.Namespace) -> int:
-    from gefl.data.image_folder import write_split
+    from gefl.image_folder import write_split
 
     spc = args.samples_per_client.strip().lower()
     if spc == "all":
@@ -299,6 +302,22 @@ def _data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_options() -> argparse.ArgumentParser:
+    """--quiet, --verbose and --log-format, on every command (after its name: gefl simulate -q)."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("logging")
+    level = group.add_mutually_exclusive_group()
+    level.add_argument("--quiet", "-q", action="store_true", help="print warnings and errors only")
+    level.add_argument("--verbose", "-v", action="store_true", help="also print debug lines, with time and origin")
+    group.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="text (default), or json: one JSON object per line (time, level, logger, message) for "
+                       "a journal or a log shipper, as an aggregator's service wants")
+    return options
+
+
+_LOG_OPTIONS = _log_options()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gefl",
@@ -307,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = sub.add_parser(
-        "simulate",
+        "simulate", parents=[_LOG_OPTIONS],
         help="run a whole federation on this machine",
         description="Run a federation in-process: every client, the aggregation and the evaluation. "
         "Writes runs/<name>-<timestamp>/ (config.yaml, metrics.jsonl, summary.json, weights/).",
@@ -335,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
 
     prb = sub.add_parser(
-        "probe",
+        "probe", parents=[_LOG_OPTIONS],
         help="describe this device and the tier it would train",
         description="Measure this device (CPU, memory, board, CUDA, a one-second training run) and pick its "
         "tier: the largest whose training fits in a fraction of the available memory and whose estimated round "
@@ -355,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     prb.set_defaults(func=_probe)
 
     exp = sub.add_parser(
-        "export",
+        "export", parents=[_LOG_OPTIONS],
         help="export a run's tiers to ONNX (verified, optionally int8)",
         description="Export each tier of a run (FE + head) as ONNX with a dynamic batch axis and the metadata "
         "`gefl infer` needs; check it against PyTorch on 256 test images; quantize to int8; measure every file's "
@@ -371,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export)
 
     smp = sub.add_parser(
-        "samples",
+        "samples", parents=[_LOG_OPTIONS],
         help="draw what a run's generator learned (a PNG grid per class)",
         description="Write a PNG with one row per class: generated images (gefl runs), or generated FE feature maps "
         "beside real ones from the run's frozen FE on test images (gefl-f runs), on one colour scale.",
@@ -383,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--data-dir", metavar="DIR", help="where the run's dataset is, for real features (gefl-f)")
     smp.set_defaults(func=_samples)
 
+
     inf = sub.add_parser(
-        "infer",
+        "infer", parents=[_LOG_OPTIONS],
         help="classify images with an exported model (onnxruntime only, no torch)",
         description="Classify an image, or every image in a directory, with a model written by `gefl export`. "
         "Needs only onnxruntime, numpy and pillow (pip install 'gefl-edge[infer]').",
@@ -402,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dat_sub = dat.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     spl = dat_sub.add_parser(
-        "split",
+        "split", parents=[_LOG_OPTIONS],
         help="write each client's share of a dataset as an ImageFolder directory",
         description="Split a dataset's training set among clients exactly as `gefl simulate` does for the same "
         "dataset, partition and seed, and write DIR/client-000/, client-001/, ... in torchvision ImageFolder "
@@ -431,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="The server side of a networked federation.")
     agg_sub = agg.add_subparsers(dest="action", required=True, metavar="ACTION")
     srv = agg_sub.add_parser(
-        "serve", help="serve a federation over gRPC and/or MQTT until its last round",
+        "serve", parents=[_LOG_OPTIONS], help="serve a federation over gRPC and/or MQTT until its last round",
         description="Hold the test set, register clients, run the config's rounds (quorum network.min_clients, "
         "deadline network.round_timeout), evaluate, and write the run directory `gefl simulate` writes into "
         "--state-dir, with a checkpoint after every round: started again on the same directory, it resumes.")
@@ -464,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="The edge side of a networked federation.")
     cli_sub = cli.add_subparsers(dest="action", required=True, metavar="ACTION")
     run = cli_sub.add_parser(
-        "run", help="register with an aggregator and train until the run is over",
+        "run", parents=[_LOG_OPTIONS], help="register with an aggregator and train until the run is over",
         description="Register with the aggregator (device profile in, tier and run config out), then train the "
         "rounds it hands out on the local data: an ImageFolder directory, one sub-folder per class (`gefl data "
         "split` writes them). Reconnects with backoff while the aggregator is away.")
@@ -499,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_client_run)
 
     svc = cli_sub.add_parser(
-        "service", help="print the systemd unit that runs `gefl client run` at boot",
+        "service", parents=[_LOG_OPTIONS], help="print the systemd unit that runs `gefl client run` at boot",
         description="Print the systemd unit shipped with gefl-edge (gefl-client.service) for a board's client, "
         "so that: gefl client service --gefl-path \"$(command -v gefl)\" > /etc/systemd/system/gefl-client.service. "
         "It reads GEFL_AGGREGATOR, GEFL_CLIENT_DATA and GEFL_CLIENT_ARGS from /etc/gefl/client.env (--env prints "
@@ -511,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     svc.set_defaults(func=_client_service)
 
     crt = sub.add_parser(
-        "certs", help="make the CA and certificates of a federation (mutual TLS for gRPC and Mosquitto)",
+        "certs", parents=[_LOG_OPTIONS],
+        help="make the CA and certificates of a federation (mutual TLS for gRPC and Mosquitto)",
         description="Make a small PKI in --out DIR: DIR/ca.crt and ca.key (a new CA, or the one already there), "
         "DIR/server.crt and server.key (the aggregator's or broker's, for --server-name / --server-ip) and "
         "DIR/clients/NAME.crt and NAME.key per --client (common name NAME: the device's --name, and its MQTT "
@@ -530,13 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "the CA's ten)")
     crt.set_defaults(func=_certs)
 
-    ls = sub.add_parser("list", help="list tiers, datasets, algorithms and generator families")
+    ls = sub.add_parser("list", parents=[_LOG_OPTIONS], help="list tiers, datasets, algorithms and generator families")
     ls.set_defaults(func=_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(quiet=args.quiet, verbose=args.verbose, json_lines=args.log_format == "json")
     try:
         return args.func(args)
     except GeflError as exc:

@@ -1,4 +1,5 @@
-"""Writing a file so that a crash at any moment leaves the old one or the new one, never half.
+"""Reading a file the user named (a certificate, a key) with an error that names it, and writing a
+file so that a crash at any moment leaves the old one or the new one, never half.
 
 The run directory's JSON, the checkpoint, a device's credential and the PEM files of `gefl certs`
 all go through this one function: the data reach the disk before the rename, the rename before
@@ -10,6 +11,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from gefl.errors import GeflError
+
+
+def read_file(path: str | Path, what: str) -> bytes:
+    """The bytes of `path`; a GeflError naming `what` ("TLS key") and the file if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise GeflError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:

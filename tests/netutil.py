@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,32 @@ from pathlib import Path
 
 from gefl.aggregator.mosquitto import free_port
 
-__all__ = ["SHORT", "TOKEN", "Process", "free_port", "read_metrics", "wait_for"]
+__all__ = ["SHORT", "TOKEN", "LogLines", "Process", "free_port", "read_metrics", "wait_for"]
+
+
+class LogLines(list):
+    """What gefl logs in this process, from every thread, as it comes (`timed`: as (monotonic time,
+    message) pairs): the aggregator's log lines a test asserts on. `close()` stops collecting."""
+
+    def __init__(self, timed: bool = False) -> None:
+        super().__init__()
+        lines = self
+
+        class _Append(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                message = record.getMessage()
+                lines.append((time.monotonic(), message) if timed else message)
+
+        self._handler = _Append(logging.DEBUG)
+        self._logger = logging.getLogger("gefl")
+        self._level = self._logger.level
+        self._logger.addHandler(self._handler)
+        if self._logger.getEffectiveLevel() > logging.INFO:
+            self._logger.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
 
 TOKEN = "test-enrolment-token"
 SHORT = {"num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2, "partition": {"samples_per_client": 200},

@@ -274,3 +274,14 @@ def test_relative_and_from_imports_resolve(tmp_path):
     modules = {"gefl.pkg", "gefl.pkg.mod", "gefl.pkg.sibling", "gefl.pkg.deep"}
     assert [e.target for e in imports_of("gefl.pkg.mod", path, modules)] == [
         "gefl.pkg.sibling", "gefl.pkg.sibling", "gefl.pkg", "gefl.pkg.deep"]
+
+
+def test_no_two_modules_define_a_class_of_one_name():
+    """Two classes of one name (there were two DeviceProfiles, one in bytes, one in MB) make every
+    reader ask which one a function takes."""
+    defined: dict[str, list[str]] = {}
+    for module, path in module_files().items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                defined.setdefault(node.name, []).append(module)
+    assert not {name: where for name, where in defined.items() if len(where) > 1}

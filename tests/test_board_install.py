@@ -29,7 +29,7 @@ from gefl.edge_client.transport import Unavailable
 
 from gefl.cli import SHIPPED_GEFL, build_parser, main
 from gefl.config import config_from_dict
-from gefl.data.image_folder import write_split
+from gefl.image_folder import write_split
 from gefl.protocol import TRAIN, RegisterRequest, UploadHeader
 from gefl.protocol import mqtt as m
 from gefl.protocol.wire import sha256
@@ -65,7 +65,7 @@ def test_gefl_certs_then_a_mutual_tls_federation_of_real_processes(tmp_path, cap
     assert f"--cert {pki.client_cert('board-0')}" in out and "--token-file" in out
 
     shards = tmp_path / "shards"
-    write_split("fashion-mnist", 2, shards, samples_per_client=100, seed=0, progress=None)
+    write_split("fashion-mnist", 2, shards, samples_per_client=100, seed=0)
     config = tmp_path / "config.yaml"
     config.write_text("algorithm: fedavg\nnum_clients: 2\ntiers: [cnn2]\nrounds: 2\ntrain: {local_epochs: 1}\n"
                       "eval: {every: 2}\nnetwork: {round_timeout: 120}\n")
@@ -237,15 +237,14 @@ def test_mosquitto_admits_devices_by_their_gefl_certificates(tmp_path):
     config = {"name": "mtls", "algorithm": "fedavg", "num_clients": 1, "tiers": ["cnn2"], "rounds": 1,
               "partition": {"samples_per_client": 100},
               "network": {"min_clients": 1, "round_timeout": 120, "heartbeat_timeout": 60}}
-    log: list[str] = []
-    coordinator = build_coordinator(config_from_dict(config), tmp_path / "state", TOKEN, log.append)
+    coordinator = build_coordinator(config_from_dict(config), tmp_path / "state", TOKEN)
     as_aggregator = m.MqttAuth(ca=pki.ca_cert, cert=pki.client_cert("aggregator"), key=pki.client_key("aggregator"))
-    bridge = MqttBridge(coordinator, m.parse_broker_url(url), as_aggregator, log.append)
+    bridge = MqttBridge(coordinator, m.parse_broker_url(url), as_aggregator)
     bridge.start()
     driver = threading.Thread(target=coordinator.run, daemon=True)
     driver.start()
     board = MqttClientTransport(m.parse_broker_url(url), TOKEN, m.MqttAuth(
-        ca=pki.ca_cert, cert=pki.client_cert("board-1"), key=pki.client_key("board-1")), say=lambda _m: None)
+        ca=pki.ca_cert, cert=pki.client_cert("board-1"), key=pki.client_key("board-1")))
     others = []
     try:
         board.register(RegisterRequest(name="board-1", tier="cnn2", num_samples=100, label_histogram=(10,) * 10))

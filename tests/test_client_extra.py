@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from gefl.config import config_from_dict
-from gefl.data.image_folder import write_split
+from gefl.image_folder import write_split
 
 from netutil import TOKEN
 
@@ -87,11 +87,11 @@ def test_the_client_extra_covers_what_probe_imports(tmp_path):
 @pytest.mark.parametrize("algorithm", ["gefl-f", "fedavg"])
 def test_the_client_extra_covers_what_a_training_client_imports(tmp_path, algorithm):
     shards = tmp_path / "shards"
-    write_split("fashion-mnist", 1, shards, samples_per_client=100, seed=0, progress=None)
+    write_split("fashion-mnist", 1, shards, samples_per_client=100, seed=0)
     cfg = config_from_dict({"algorithm": algorithm, "num_clients": 1, "tiers": ["cnn3c"], "rounds": 1,
                             "train": {"local_epochs": 1}, "partition": {"samples_per_client": 100},
                             "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}})
-    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, lambda m: None)
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN)
     server, port, _ = start_server(coordinator, "127.0.0.1:0")
     driver = threading.Thread(target=coordinator.run, daemon=True)
     driver.start()

@@ -12,9 +12,9 @@ from gefl.aggregator.serve import build_coordinator
 from gefl.edge_client.grpc_transport import GrpcClientTransport
 from gefl.edge_client.runtime import ClientOptions, ClientRuntime
 
-import gefl.data.image_folder
+import gefl.image_folder
 from gefl.config import config_from_dict
-from gefl.data.image_folder import write_split
+from gefl.image_folder import write_split
 
 from netutil import TOKEN, free_port, read_metrics, wait_for
 
@@ -22,7 +22,7 @@ SAMPLES = 60
 
 
 def _serve(cfg: dict, state, port: int):
-    coordinator = build_coordinator(config_from_dict(cfg), state, TOKEN, lambda m: None)
+    coordinator = build_coordinator(config_from_dict(cfg), state, TOKEN)
     server, _, _ = start_server(coordinator, f"127.0.0.1:{port}")
     driver = threading.Thread(target=coordinator.run, daemon=True)
     driver.start()
@@ -31,7 +31,7 @@ def _serve(cfg: dict, state, port: int):
 
 def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp_path):
     shards = tmp_path / "shards"
-    write_split("fashion-mnist", 1, shards, samples_per_client=SAMPLES, seed=0, progress=None)
+    write_split("fashion-mnist", 1, shards, samples_per_client=SAMPLES, seed=0)
     port = free_port()
     base = {"num_clients": 1, "tiers": ["cnn2"], "partition": {"samples_per_client": SAMPLES},
             "train": {"local_epochs": 1}, "network": {"heartbeat_interval": 0.5}}
@@ -41,7 +41,7 @@ def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp
     second = {**base, "name": "second", "algorithm": "gefl-f", "rounds": 1,
               "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}}
     opened = []
-    real_open = gefl.data.image_folder._open_image
+    real_open = gefl.image_folder._open_image
 
     def counting_open(*args, **kwargs):
         opened.append(args[0])
@@ -50,9 +50,9 @@ def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp
     coordinator, server, driver = _serve(first, tmp_path / "first", port)
     runtime = ClientRuntime(GrpcClientTransport(f"127.0.0.1:{port}", TOKEN),
                             ClientOptions(shards / "client-000", tier="cnn2", name="board", threads=1, poll_s=1.0,
-                                          give_up_s=120, state_dir=tmp_path / "device"), say=lambda m: None)
+                                          give_up_s=120, state_dir=tmp_path / "device"))
     trained: list[int] = []
-    with mock.patch.object(gefl.data.image_folder, "_open_image", counting_open):
+    with mock.patch.object(gefl.image_folder, "_open_image", counting_open):
         client = threading.Thread(target=lambda: trained.append(runtime.run()), daemon=True)
         client.start()
         try:

@@ -215,7 +215,7 @@ def test_a_simulated_device_mix_picks_tiers_and_counts_stragglers(tmp_path):
     }))
     summary = simulate({"algorithm": "fedavg", "tiers": ["cnn3c", "cnn5"], "rounds": 2, "devices": str(devices),
                         "partition": {"samples_per_client": 500}, "train": {"local_epochs": 2},
-                        "eval": {"every": 1}}, out=tmp_path / "run", progress=None)
+                        "eval": {"every": 1}}, out=tmp_path / "run")
     assert summary["num_clients"] == 3
     classes = summary["devices"]["device_classes"]
     assert classes["fast"]["tiers"] == ["cnn5"] and classes["slow"]["tiers"] == ["cnn3c"]

@@ -31,14 +31,14 @@ TIERS = ["cnn2", "cnn4"]
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     simulate({"algorithm": "fedavg", "num_clients": 2, "tiers": TIERS, "rounds": 1,
-              "partition": {"samples_per_client": 1000}, "eval": {"every": 1}}, out=out, progress=None)
+              "partition": {"samples_per_client": 1000}, "eval": {"every": 1}}, out=out)
     return out
 
 
 @pytest.fixture(scope="module")
 def exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("export")
-    report = export_run(run_dir, out, quantize_mode="static", progress=lambda _: None)
+    report = export_run(run_dir, out, quantize_mode="static")
     return out, report
 
 
@@ -86,7 +86,7 @@ def test_every_tier_exports_checked_with_metadata_and_a_dynamic_batch(exported, 
 
 
 def test_dynamic_quantization_and_tier_selection(run_dir, tmp_path):
-    report = export_run(run_dir, tmp_path, tiers=["cnn4"], quantize_mode="dynamic", progress=lambda _: None)
+    report = export_run(run_dir, tmp_path, tiers=["cnn4"], quantize_mode="dynamic")
     assert list(report["tiers"]) == ["cnn4"]
     int8 = report["tiers"]["cnn4"]["int8"]
     assert int8["mode"] == "dynamic" and int8["bytes"] < report["tiers"]["cnn4"]["fp32"]["bytes"]
@@ -96,11 +96,11 @@ def test_dynamic_quantization_and_tier_selection(run_dir, tmp_path):
 
 def test_export_refuses_what_it_cannot_export(run_dir, tmp_path):
     with pytest.raises(GeflError, match="no tier 'cnn9'; its tiers are: cnn2, cnn4"):
-        export_run(run_dir, tmp_path / "a", tiers=["cnn9"], progress=lambda _: None)
+        export_run(run_dir, tmp_path / "a", tiers=["cnn9"])
     with pytest.raises(GeflError, match="not a run directory"):
-        export_run(tmp_path, tmp_path / "b", progress=lambda _: None)
+        export_run(tmp_path, tmp_path / "b")
     with pytest.raises(GeflError, match="unknown --quantize 'int4'"):
-        export_run(run_dir, tmp_path / "c", quantize_mode="int4", progress=lambda _: None)
+        export_run(run_dir, tmp_path / "c", quantize_mode="int4")
     broken = tmp_path / "broken"
     (broken / "weights").mkdir(parents=True)
     (broken / "weights" / "cnn2.safetensors").write_bytes(b"\x00" * 40)

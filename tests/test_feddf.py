@@ -84,8 +84,8 @@ def test_feddf_federation_differs_from_fedavg_from_round_one(tmp_path):
     base = {"num_clients": 2, "tiers": TIERS, "rounds": 2, "partition": {"kind": "iid", "samples_per_client": 300},
             "train": {"local_epochs": 2}, "eval": {"every": 1}, "workers": 1,
             "feddf": {"public_size": 1000, "steps": 20}}
-    df = simulate({**base, "algorithm": "feddf"}, out=tmp_path / "df", progress=None)
-    simulate({**base, "algorithm": "fedavg"}, out=tmp_path / "avg", progress=None)
+    df = simulate({**base, "algorithm": "feddf"}, out=tmp_path / "df")
+    simulate({**base, "algorithm": "fedavg"}, out=tmp_path / "avg")
     rounds = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("df", "avg")}
     assert rounds["df"][0]["accuracy"] != rounds["avg"][0]["accuracy"]

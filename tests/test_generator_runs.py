@@ -45,7 +45,7 @@ def test_paper_preset_runs_end_to_end(tmp_path, family):
            "gefl": {"warmup_rounds": 1, "generator_rounds": 1,
                     "generator": {"family": family, "preset": "paper", "options": options, "local_epochs": 1}}}
     run = tmp_path / "run"
-    summary = simulate(cfg, out=run, progress=None)
+    summary = simulate(cfg, out=run)
 
     phases = [m["phase"] for m in _metrics(run)]
     assert phases == (["warmup", "generator", "head"] if algorithm == "gefl-f" else ["generator", "train"])
@@ -68,8 +68,8 @@ def test_avgkd_distils_from_round_two(tmp_path):
     """Round 1 has nothing to distil, so AvgKD trains exactly as FedAvg does; from round 2 each
     client also downloads the other tiers' models and its training targets change."""
     base = {**SHORT, "partition": {"kind": "iid", "samples_per_client": 200}, "rounds": 2}
-    kd = simulate({**base, "algorithm": "avgkd"}, out=tmp_path / "kd", progress=None)
-    simulate({**base, "algorithm": "fedavg"}, out=tmp_path / "avg", progress=None)
+    kd = simulate({**base, "algorithm": "avgkd"}, out=tmp_path / "kd")
+    simulate({**base, "algorithm": "fedavg"}, out=tmp_path / "avg")
     kd_rounds, avg_rounds = _metrics(tmp_path / "kd"), _metrics(tmp_path / "avg")
     assert kd_rounds[0]["accuracy"] == avg_rounds[0]["accuracy"]
     assert kd_rounds[1]["accuracy"] != avg_rounds[1]["accuracy"]
@@ -89,7 +89,7 @@ def small_runs(tmp_path_factory):
         cfg = {**SHORT, "algorithm": algorithm, "partition": {"kind": "iid", "samples_per_client": 64},
                "gefl": {"warmup_rounds": 1, "generator_rounds": 2,
                         "generator": {"family": family, "preset": "small", "local_epochs": 1}}}
-        simulate(cfg, out=base / algorithm, progress=None)
+        simulate(cfg, out=base / algorithm)
         out[algorithm] = base / algorithm
     return out
 
@@ -114,6 +114,6 @@ def test_samples_draws_generated_images(small_runs, tmp_path):
 
 def test_samples_names_a_run_without_a_generator(tmp_path, capsys):
     simulate({**SHORT, "algorithm": "fedavg", "partition": {"kind": "iid", "samples_per_client": 16}},
-             out=tmp_path / "fedavg", progress=None)
+             out=tmp_path / "fedavg")
     assert gefl_main(["samples", str(tmp_path / "fedavg")]) == 2
     assert "generator.safetensors does not exist" in capsys.readouterr().err

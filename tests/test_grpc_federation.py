@@ -16,16 +16,16 @@ from gefl.aggregator.serve import build_coordinator
 
 from gefl import simulate
 from gefl.config import config_from_dict
-from gefl.data.image_folder import write_split
+from gefl.image_folder import write_split
 from gefl.protocol.wire import arrays_digest, decode_arrays
 
-from netutil import SHORT, TOKEN, Process, free_port, read_metrics, wait_for
+from netutil import SHORT, TOKEN, LogLines, Process, free_port, read_metrics, wait_for
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "clients"
-    write_split("fashion-mnist", 3, out, samples_per_client=600, seed=0, progress=None)
+    write_split("fashion-mnist", 3, out, samples_per_client=600, seed=0)
     return out
 
 
@@ -35,10 +35,10 @@ def _client(address: str, data: Path, name: str, tier: str = "cnn2", token: str 
 
 
 def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp_path):
-    local = simulate(SHORT, out=tmp_path / "local", progress=None)
+    local = simulate(SHORT, out=tmp_path / "local")
     from gefl.aggregator.local_federation import simulate_over_network
 
-    remote = simulate_over_network(config_from_dict(SHORT), "grpc", out=tmp_path / "grpc", progress=None)
+    remote = simulate_over_network(config_from_dict(SHORT), "grpc", out=tmp_path / "grpc")
     assert abs(remote["mean_best_acc"] - local["mean_best_acc"]) <= 0.5
     # Same ids, shards, seeds and summation order: the rounds are the same computation.
     losses = [m["loss"] for m in read_metrics(tmp_path / "local")]
@@ -61,10 +61,10 @@ def test_the_simulated_device_clock_drops_the_same_stragglers_over_grpc(tmp_path
                      "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
         "policy": {"deadline_s": 1.0}, "mix": {"fast": 2, "slow": 1}}))
     cfg = {**SHORT, "algorithm": "fedavg", "tiers": ["cnn2", "cnn3"], "rounds": 2, "devices": str(mix)}
-    local = simulate(cfg, out=tmp_path / "local", progress=None)
+    local = simulate(cfg, out=tmp_path / "local")
     from gefl.aggregator.local_federation import simulate_over_network
 
-    remote = simulate_over_network(config_from_dict(cfg), "grpc", out=tmp_path / "grpc", progress=None)
+    remote = simulate_over_network(config_from_dict(cfg), "grpc", out=tmp_path / "grpc")
     fields = ("round", "participants", "stragglers", "contributors", "simulated_s")
     records = [{k: m.get(k) for k in fields} for m in read_metrics(tmp_path / "local")]
     assert any(r["stragglers"] for r in records), records  # the slow device really missed the deadline
@@ -81,8 +81,8 @@ def test_dead_and_frozen_clients_never_stall_a_round_and_come_back(tmp_path, sha
                             # A short silence timeout: the frozen client below is noticed by it alone.
                             "network": {"min_clients": 1, "round_timeout": 60, "heartbeat_interval": 0.5,
                                         "heartbeat_timeout": 3}})
-    log: list[tuple[float, str]] = []
-    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, lambda m: log.append((time.monotonic(), m)))
+    log = LogLines(timed=True)
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN)
     server, port, _ = start_server(coordinator, "127.0.0.1:0")
     driver = threading.Thread(target=coordinator.run, daemon=True)
     address = f"127.0.0.1:{port}"
@@ -193,7 +193,7 @@ def test_aggregator_killed_with_sigkill_resumes_with_the_same_weights_and_loses_
 
 def test_client_with_a_wrong_token_stops_with_a_clear_error(tmp_path, shards):
     cfg = config_from_dict({"algorithm": "fedavg", "num_clients": 1, "tiers": ["cnn2"], "rounds": 1})
-    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, lambda m: None)
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN)
     server, port, _ = start_server(coordinator, "127.0.0.1:0")
     try:
         client = _client(f"127.0.0.1:{port}", shards / "client-000", "intruder", token="wrong")
@@ -213,8 +213,8 @@ def test_a_client_whose_result_is_refused_does_not_retrain_the_round_in_a_loop(t
     cfg = config_from_dict({"algorithm": "fedavg", "num_clients": 1, "tiers": ["cnn2"], "rounds": 2,
                             "train": {"lr": 1e12, "local_epochs": 1}, "eval": {"every": 100},
                             "network": {"min_clients": 1, "round_timeout": 3}})
-    log: list[str] = []
-    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, log.append)
+    log = LogLines()
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN)
     server, port, _ = start_server(coordinator, "127.0.0.1:0")
     driver = threading.Thread(target=coordinator.run, daemon=True)
     client = _client(f"127.0.0.1:{port}", shards / "client-000", "diverged")
@@ -235,7 +235,7 @@ def test_a_client_whose_result_is_refused_does_not_retrain_the_round_in_a_loop(t
 def test_a_board_shares_its_label_counts_only_when_its_user_opts_in(tmp_path, shards):
     cfg = config_from_dict({"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn2"], "rounds": 1,
                             "train": {"local_epochs": 1}, "eval": {"every": 100}})
-    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN, lambda m: None)
+    coordinator = build_coordinator(cfg, tmp_path / "state", TOKEN)
     server, port, _ = start_server(coordinator, "127.0.0.1:0")
     address = f"127.0.0.1:{port}"
     private = _client(address, shards / "client-000", "private")

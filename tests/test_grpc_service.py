@@ -24,7 +24,7 @@ from gefl.config import config_from_dict
 from gefl.protocol import TRAIN, Refused, RegisterRequest, UploadHeader
 from gefl.protocol.wire import decode_arrays, encode_arrays, encode_state, sha256
 
-from netutil import TOKEN, make_certs, tampered, wait_for
+from netutil import TOKEN, LogLines, make_certs, tampered, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn2"], "rounds": 2,
@@ -36,8 +36,8 @@ class Aggregator:
 
     def __init__(self, state_dir: Path, tls: TlsFiles | None = None, config: dict | None = None,
                  start: bool = True) -> None:
-        self.log: list[str] = []
-        self.coordinator = build_coordinator(config_from_dict(config or CONFIG), state_dir, TOKEN, self.log.append)
+        self.log = LogLines()
+        self.coordinator = build_coordinator(config_from_dict(config or CONFIG), state_dir, TOKEN)
         self.server, self.port, _ = start_server(self.coordinator, "127.0.0.1:0", tls)
         self.thread = threading.Thread(target=self.coordinator.run, daemon=True)
         if start:
@@ -55,6 +55,7 @@ class Aggregator:
         if self.thread.is_alive():
             self.thread.join(10)
         self.server.stop(grace=None).wait()
+        self.log.close()
 
 
 @pytest.fixture
@@ -125,8 +126,7 @@ def test_a_burst_of_health_watches_leaves_the_federation_served(tmp_path):
 def test_a_server_at_its_call_limit_is_waited_for_not_taken_as_a_refusal(tmp_path):
     """grpc answers RESOURCE_EXHAUSTED when its concurrency limit is reached: a client must back off
     and retry (Unavailable), not give up as if the aggregator had refused it."""
-    coordinator = build_coordinator(config_from_dict({**CONFIG, "network": {"min_clients": 2}}), tmp_path / "s",
-                                    TOKEN, lambda m: None)
+    coordinator = build_coordinator(config_from_dict({**CONFIG, "network": {"min_clients": 2}}), tmp_path / "s", TOKEN)
     server, port, _ = start_server(coordinator, "127.0.0.1:0", max_workers=1)
     address = f"127.0.0.1:{port}"
     try:
@@ -382,11 +382,11 @@ def test_a_corrupt_checkpoint_or_another_config_in_the_state_dir_is_refused_by_n
     good = (state / "checkpoint.safetensors").read_bytes()
     (state / "checkpoint.safetensors").write_bytes(good[: len(good) // 2])
     with pytest.raises(GeflError, match="cannot read the checkpoint"):
-        build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+        build_coordinator(config_from_dict(CONFIG), state, TOKEN)
     (state / "checkpoint.safetensors").write_bytes(good)
     with pytest.raises(GeflError, match=r"different config \(rounds differ\)"):
-        build_coordinator(config_from_dict({**CONFIG, "rounds": 3}), state, TOKEN, lambda m: None)
-    resumed = build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+        build_coordinator(config_from_dict({**CONFIG, "rounds": 3}), state, TOKEN)
+    resumed = build_coordinator(config_from_dict(CONFIG), state, TOKEN)
     assert [c.name for c in resumed.clients.values()] == ["board-1"]
 
 
@@ -421,7 +421,7 @@ def test_a_damaged_or_non_finite_checkpoint_is_refused_not_resumed(tmp_path):
             bad[data_start + 64:data_start + 320] = b"\xff" * 256
         path.write_bytes(bytes(bad))
         with pytest.raises(GeflError, match="is damaged"):
-            build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+            build_coordinator(config_from_dict(CONFIG), state, TOKEN)
     # NaN weights with a digest recomputed to match them: refused as non-finite.
     path.write_bytes(good)
     with safe_open(path, "np") as f:
@@ -433,10 +433,9 @@ def test_a_damaged_or_non_finite_checkpoint_is_refused_not_resumed(tmp_path):
     meta["sha256"] = _checkpoint_digest(arrays, meta)
     path.write_bytes(encode_arrays(arrays, {"gefl": _json.dumps(meta)}))
     with pytest.raises(GeflError, match="non-finite"):
-        build_coordinator(config_from_dict(CONFIG), state, TOKEN, lambda m: None)
+        build_coordinator(config_from_dict(CONFIG), state, TOKEN)
     path.write_bytes(good)  # the undamaged file still resumes
-    assert [c.name for c in build_coordinator(config_from_dict(CONFIG), state, TOKEN,
-                                              lambda m: None).clients.values()] == ["board-1"]
+    assert [c.name for c in build_coordinator(config_from_dict(CONFIG), state, TOKEN).clients.values()] == ["board-1"]
 
 
 def test_an_unwritable_state_directory_or_checkpoint_stops_the_aggregator_in_one_paragraph(tmp_path):

@@ -15,8 +15,8 @@ from PIL import Image
 
 from gefl.cli import main
 from gefl.config import config_from_dict
-from gefl.data.image_folder import class_dir_name, load_client_split, read_image_folder, write_split
 from gefl.errors import GeflError
+from gefl.image_folder import class_dir_name, load_client_split, read_image_folder, write_split
 from gefl.simulation import _split_clients
 
 from netutil import free_port
@@ -28,7 +28,7 @@ FMNIST_DIRS = ["00-t-shirt-top", "01-trouser", "02-pullover", "03-dress", "04-co
 @pytest.fixture(scope="module")
 def iid_split(tmp_path_factory):
     out = tmp_path_factory.mktemp("iid") / "clients"
-    manifest = write_split("fashion-mnist", 4, out, kind="iid", samples_per_client=100, seed=3, progress=None)
+    manifest = write_split("fashion-mnist", 4, out, kind="iid", samples_per_client=100, seed=3)
     return out, manifest
 
 
@@ -74,7 +74,7 @@ def test_pngs_keep_the_original_pixels_and_training_index(iid_split, fmnist):
 def test_dirichlet_clients_keep_every_class_folder(tmp_path):
     out = tmp_path / "skewed"
     manifest = write_split("fashion-mnist", 5, out, kind="dirichlet", alpha=0.1, samples_per_client=100,
-                           seed=1, progress=None)
+                           seed=1)
     empty = 0
     for entry in manifest["clients"]:
         client_dir = out / entry["dir"]

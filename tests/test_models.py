@@ -118,7 +118,7 @@ def test_a_federation_with_an_opt_in_tier_reports_both_tiers(fmnist, tmp_path):
     summary = gefl.simulate(
         {"algorithm": "fedavg", "num_clients": 2, "tiers": ["cnn3", "mobilenet-v3-small"], "rounds": 1,
          "partition": {"samples_per_client": 200}, "eval": {"every": 1}},
-        out=tmp_path / "run", progress=None,
+        out=tmp_path / "run",
     )
     assert set(summary["tiers"]) == {"cnn3", "mobilenet-v3-small"}
     assert summary["tiers"]["mobilenet-v3-small"]["params"] == count_parameters(get_model("mobilenet-v3-small"))

@@ -45,7 +45,7 @@ from gefl.protocol import PROTOCOL_VERSION, TRAIN, Refused, RegisterRequest
 from gefl.protocol import mqtt as m
 from gefl.protocol.wire import CHUNK_BYTES, decode_arrays
 
-from netutil import TOKEN, Process, tampered, wait_for
+from netutil import TOKEN, LogLines, Process, tampered, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,8 +228,8 @@ def test_forged_and_replayed_offline_messages_change_nothing_and_a_genuine_one_c
 # ------------------------------------------------------------------------------ 3. the client's task topic
 def test_the_client_survives_deep_json_and_ignores_forged_tasks_replies_and_chunks(tmp_path, broker):
     agg = Aggregator(tmp_path / "state", FEDAVG, broker.url + "/mqtt-fedavg")
-    said: list[str] = []
-    client = MqttClientTransport(m.parse_broker_url(broker.url + "/mqtt-fedavg"), TOKEN, m.MqttAuth(), say=said.append)
+    said = LogLines()  # the client's transport logs what it drops
+    client = MqttClientTransport(m.parse_broker_url(broker.url + "/mqtt-fedavg"), TOKEN, m.MqttAuth())
     attacker = Raw(broker.url)
     stop = threading.Event()
     try:
@@ -314,6 +314,7 @@ def test_the_client_survives_deep_json_and_ignores_forged_tasks_replies_and_chun
         attacker.close()
         client.close()
         agg.stop()
+        said.close()
 
 
 def test_json_nesting_is_bounded_before_parsing():
@@ -419,20 +420,21 @@ def _dynsec_broker(tmp_path: Path, denied: str) -> Mosquitto:
 
 def test_a_refused_subscription_is_an_error_naming_the_topic_and_failed_publishes_are_counted(tmp_path):
     broker = _dynsec_broker(tmp_path, "gefl/+/client/+/status")
-    log: list[str] = []
-    coordinator = build_coordinator(config_from_dict(FEDAVG), tmp_path / "state", TOKEN, log.append)
+    log = LogLines()
+    coordinator = build_coordinator(config_from_dict(FEDAVG), tmp_path / "state", TOKEN)
     try:
-        bridge = MqttBridge(coordinator, m.parse_broker_url(broker.url), m.MqttAuth(), log.append)
+        bridge = MqttBridge(coordinator, m.parse_broker_url(broker.url), m.MqttAuth())
         with pytest.raises(GeflError, match=r"refused the aggregator's subscription to gefl/mqtt-fedavg/client/\+/"
                                             r"status") as refused:
             bridge.start(timeout=10)
         assert "ACL" in str(refused.value)
-        assert any("ERROR" in line and "gefl/mqtt-fedavg/client/+/status" in line for line in log), log
+        assert any("refused the subscription" in line and "gefl/mqtt-fedavg/client/+/status" in line
+                   for line in log), log
     finally:
         broker.close()
 
     with Mosquitto() as plain:
-        bridge = MqttBridge(coordinator, m.parse_broker_url(plain.url), m.MqttAuth(), log.append)
+        bridge = MqttBridge(coordinator, m.parse_broker_url(plain.url), m.MqttAuth())
         bridge.start(timeout=10)  # everything granted: no error
         assert bridge.publish_failures == 0
         plain.kill()
@@ -479,11 +481,11 @@ def _federation_run(tmp_path: Path, label: str, attack: bool, timeout: float = 4
     """A three-client FedAvg run through its own Mosquitto, the aggregator and the clients real `gefl`
     processes started in order (so ids, shards and task seeds are the same in every run); with
     `attack`, an attacker process forges throughout. Returns (state dir, aggregator output)."""
-    from gefl.data.image_folder import write_split
+    from gefl.image_folder import write_split
 
     shards = tmp_path / "shards"
     if not shards.exists():
-        write_split("fashion-mnist", 3, shards, samples_per_client=150, seed=0, progress=None)
+        write_split("fashion-mnist", 3, shards, samples_per_client=150, seed=0)
     config = tmp_path / "config.yaml"
     config.write_text("name: attacked\nalgorithm: fedavg\nnum_clients: 3\ntiers: [cnn2]\nrounds: 3\nseed: 7\n"
                       "train: {local_epochs: 1}\neval: {every: 100}\n"

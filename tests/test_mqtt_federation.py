@@ -10,14 +10,14 @@ from gefl.aggregator.mosquitto import Mosquitto
 
 from gefl import simulate
 from gefl.config import config_from_dict
-from gefl.data.image_folder import write_split
+from gefl.image_folder import write_split
 
 from netutil import SHORT, TOKEN, Process, free_port, read_metrics, wait_for
 
 
 def test_simulate_over_mqtt_computes_what_the_in_process_simulation_computes(tmp_path):
-    local = simulate(SHORT, out=tmp_path / "local", progress=None)
-    remote = simulate_over_network(config_from_dict(SHORT), "mqtt", out=tmp_path / "mqtt", progress=None)
+    local = simulate(SHORT, out=tmp_path / "local")
+    remote = simulate_over_network(config_from_dict(SHORT), "mqtt", out=tmp_path / "mqtt")
     losses = [m["loss"] for m in read_metrics(tmp_path / "local")]
     assert [m["loss"] for m in read_metrics(tmp_path / "mqtt")] == pytest.approx(losses, rel=1e-5)
     # No client was taken for dead while it started up (it imports torch meanwhile): no round ran again.
@@ -29,7 +29,7 @@ def test_simulate_over_mqtt_computes_what_the_in_process_simulation_computes(tmp
 
 def test_grpc_and_mqtt_clients_share_a_federation_through_a_broker_restart(tmp_path):
     shards = tmp_path / "shards"
-    write_split("fashion-mnist", 4, shards, samples_per_client=300, seed=0, progress=None)
+    write_split("fashion-mnist", 4, shards, samples_per_client=300, seed=0)
     rounds = 10
     config = tmp_path / "config.yaml"
     config.write_text(f"name: mixed\nalgorithm: fedavg\nnum_clients: 4\ntiers: [cnn2, cnn3]\nrounds: {rounds}\n"

@@ -27,7 +27,7 @@ from gefl.protocol import TRAIN, RegisterRequest, UploadHeader
 from gefl.protocol import mqtt as m
 from gefl.protocol.wire import CHUNK_BYTES, decode_arrays, encode_arrays, encode_state, sha256
 
-from netutil import TOKEN, make_certs, wait_for
+from netutil import TOKEN, LogLines, make_certs, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK = {"min_clients": 1, "round_timeout": 120, "heartbeat_timeout": 60}  # the tests send no heartbeats
@@ -43,9 +43,9 @@ class Aggregator:
     """Coordinator + MQTT bridge of a training federation, rounds driven on a thread."""
 
     def __init__(self, state_dir: Path, config: dict, url: str, auth: m.MqttAuth | None = None) -> None:
-        self.log: list[str] = []
-        self.coordinator = build_coordinator(config_from_dict(config), state_dir, TOKEN, self.log.append)
-        self.bridge = MqttBridge(self.coordinator, m.parse_broker_url(url), auth or m.MqttAuth(), self.log.append)
+        self.log = LogLines()
+        self.coordinator = build_coordinator(config_from_dict(config), state_dir, TOKEN)
+        self.bridge = MqttBridge(self.coordinator, m.parse_broker_url(url), auth or m.MqttAuth())
         self.bridge.start()
         self.thread = threading.Thread(target=self.coordinator.run, daemon=True)
         self.thread.start()
@@ -55,6 +55,7 @@ class Aggregator:
         self.coordinator.stopping.set()
         self.thread.join(10)
         self.bridge.stop()
+        self.log.close()
 
     def metrics(self, round_number: int) -> dict | None:
         import json
@@ -101,7 +102,7 @@ def broker():
 
 
 def _transport(url: str, auth: m.MqttAuth | None = None) -> MqttClientTransport:
-    return MqttClientTransport(m.parse_broker_url(url), TOKEN, auth or m.MqttAuth(), say=lambda _m: None)
+    return MqttClientTransport(m.parse_broker_url(url), TOKEN, auth or m.MqttAuth())
 
 
 def _register(t: MqttClientTransport, name: str = "board-1"):

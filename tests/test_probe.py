@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from gefl.edge_client.probe import DeviceProfile, format_profile, probe
+from gefl.edge_client.probe import ProbeReport, format_profile, probe
 
 from gefl.errors import GeflError
 
@@ -143,7 +143,7 @@ def test_malformed_meminfo_names_the_file_and_line(tmp_path, bad_line):
 
 def test_real_machine_validates_against_the_schema():
     profile = probe("/", measure=True)
-    assert isinstance(profile, DeviceProfile)
+    assert isinstance(profile, ProbeReport)
     assert profile.arch
     assert profile.cpu_count >= 1
     assert 0 < profile.memory_available_bytes <= profile.memory_total_bytes
@@ -175,3 +175,19 @@ def test_the_probe_times_the_tier_the_catalogue_names(tmp_path):
     other.write_text(yaml.safe_dump(data))
     assert reference_tier(load_catalogue(other)) == "cnn2"
     assert f"({reference_tier()}, batch" in _format_throughput(1000.0)
+
+
+def test_the_policy_reads_a_probe_report_through_one_conversion(tmp_path):
+    """The probe reports bytes and a CUDA description; the policy's DeviceProfile is MB and a build
+    flag. DeviceProfile.from_probe is the one conversion (gefl probe and --tier auto both use it)."""
+    from gefl.errors import GeflError
+    from gefl.tiers.devices import DeviceProfile
+
+    root = tree(tmp_path, {"proc/meminfo": meminfo(3884292, 3407856), "proc/cpuinfo": cpuinfo(4)})
+    report = {**probe(root, measure=False).to_dict(), "train_samples_per_s": 850.0}
+    device = DeviceProfile.from_probe(report, "pi")
+    assert device.memory_available_mb == 3407856 / 1024 and device.memory_total_mb == 3884292 / 1024
+    assert (device.cores, device.train_samples_per_s, device.cuda) == (4, 850.0, False)
+    assert DeviceProfile.from_probe({**report, "cuda": {"name": "Orin"}}).cuda
+    with pytest.raises(GeflError, match="measured profile"):
+        DeviceProfile.from_probe({**report, "train_samples_per_s": None})

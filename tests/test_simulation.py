@@ -22,7 +22,7 @@ BASE = {
 
 def test_fedavg_learns_well_above_chance_and_writes_the_run_directory(tmp_path):
     summary = simulate({**BASE, "algorithm": "fedavg", "rounds": 3, "train": {"local_epochs": 2}},
-                       out=tmp_path / "run", progress=None)
+                       out=tmp_path / "run")
     assert summary["mean_best_acc"] > 65.0, summary  # chance is 10 %
     for key in ("algorithm", "dataset", "num_clients", "wall_time_s", "tiers", "mean_best_acc", "mean_final_acc"):
         assert key in summary
@@ -49,7 +49,7 @@ def test_gefl_f_runs_all_three_phases_with_a_frozen_shared_fe(tmp_path):
         **BASE, "algorithm": "gefl-f", "rounds": 2, "train": {"local_epochs": 1},
         "gefl": {"warmup_rounds": 2, "generator_rounds": 2, "generator": {"local_epochs": 1}},
     }
-    summary = simulate(cfg, out=tmp_path / "run", progress=None)
+    summary = simulate(cfg, out=tmp_path / "run")
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["warmup"] * 2 + ["generator"] * 2 + ["head"] * 2
@@ -87,7 +87,7 @@ def test_gefl_f_class_prior_counts_every_clients_samples(tmp_path):
                  "generator": {"local_epochs": 1, "options": {"prior": "class", "prior_components": 3,
                                                                 "temperature": 1.5}}},
     }
-    summary = simulate(cfg, out=tmp_path / "run", progress=None)
+    summary = simulate(cfg, out=tmp_path / "run")
     gen = load_file(tmp_path / "run" / "weights" / "generator.safetensors")
     clients = json.loads((tmp_path / "run" / "partition.json").read_text())
     histogram = torch.tensor([c["label_histogram"] for c in clients], dtype=torch.float32).sum(0)
@@ -99,14 +99,14 @@ def test_gefl_f_class_prior_counts_every_clients_samples(tmp_path):
 def test_fedprox_and_lg_fedavg_run(tmp_path):
     for algo in ("fedprox", "lg-fedavg"):
         summary = simulate({**BASE, "algorithm": algo, "rounds": 3, "train": {"local_epochs": 1}, "workers": 1},
-                           out=tmp_path / algo, progress=None)
+                           out=tmp_path / algo)
         assert summary["algorithm"] == algo and summary["mean_best_acc"] > 45.0, summary
 
 
 def test_same_seed_same_result(tmp_path):
     cfg = {**BASE, "num_clients": 2, "algorithm": "fedavg", "rounds": 1, "train": {"local_epochs": 1}}
-    a = simulate(cfg, out=tmp_path / "a", progress=None)
-    b = simulate(cfg, out=tmp_path / "b", progress=None)
+    a = simulate(cfg, out=tmp_path / "a")
+    b = simulate(cfg, out=tmp_path / "b")
     assert a["tiers"] == b["tiers"]
 
 

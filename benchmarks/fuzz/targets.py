@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 import os
 import random
 import re
@@ -60,8 +61,8 @@ import gefl
 import gefl.rounds.checkpoint as checkpoint_module
 from gefl.config import config_from_dict, config_from_yaml
 from gefl.data import dataset_classes, list_datasets
-from gefl.data.image_folder import IMAGE_SUFFIXES, read_image_folder
 from gefl.errors import GeflError
+from gefl.image_folder import IMAGE_SUFFIXES, read_image_folder
 from gefl.protocol import ArtifactRef, RegisterRequest, UploadHeader
 from gefl.protocol import mqtt as m
 from gefl.protocol.wire import CHUNK_BYTES, arrays_digest, decode_arrays, decode_state, encode_arrays, sha256
@@ -214,15 +215,18 @@ def _target(fn: Callable[[bytes], str | None]) -> Callable[[bytes], None]:
     return run
 
 
-def _quiet(_line: str) -> None:
-    """The coordinators' and transports' log: dropped (a fuzz run logs millions of refusals)."""
-
-
-class _Log:
-    """A log that keeps its last line: how a bridge or transport says it dropped a message."""
+class _Log(logging.Handler):
+    """Keeps the last line gefl logged (how a bridge or transport says it dropped a message), and
+    nothing else: a fuzz run logs millions of refusals, and a handler on the `gefl` logger keeps
+    Python's last-resort handler from printing them."""
 
     def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
         self.last = ""
+        logging.getLogger("gefl").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
 
     def __call__(self, line: str) -> None:
         self.last = line
@@ -318,8 +322,7 @@ class Federation:
     def __init__(self, config: dict, first_round: int) -> None:
         _register_mini_dataset()
         self.log = _Log()
-        self.coordinator = build_coordinator(config_from_dict(config), _tmp() / config["name"], ENROL_TOKEN,
-                                             self.log)
+        self.coordinator = build_coordinator(config_from_dict(config), _tmp() / config["name"], ENROL_TOKEN)
         self.first_round = first_round
         with mock.patch.object(coordinator_module, "secrets", _FixedTokens(TOKENS)):
             for name in NAMES:
@@ -489,7 +492,7 @@ class _ClientSide:
     def __init__(self) -> None:
         self.log = _Log()
         t = self.transport = MqttClientTransport(m.BrokerUrl("127.0.0.1", 1883, False, FEDERATION), ENROL_TOKEN,
-                                                 m.MqttAuth(), say=self.log)
+                                                 m.MqttAuth())
         t.name, t.topics, t.token, t._will_token = NAMES[0], m.Topics(FEDERATION), TOKENS[0], TOKENS[0]
         t.session = "0" * 16
         self.link = _Link()
@@ -517,7 +520,7 @@ class _Bridge:
         self.federation = model_federation()
         self.log = _Log()
         b = self.bridge = MqttBridge(self.federation.coordinator, m.BrokerUrl("127.0.0.1", 1883, False, FEDERATION),
-                                     m.MqttAuth(), say=self.log)
+                                     m.MqttAuth())
         b.connection = _Link()  # type: ignore[assignment]
         b._log_drop = lambda _topic, line: self.log(line)  # every drop logged, none rate-limited away
         b._names = {name: i for i, name in enumerate(NAMES)}
@@ -540,7 +543,7 @@ def checkpoint_logic() -> Coordinator:
     own, so that what a checkpoint restores never reaches the federations the other targets use)."""
     _register_mini_dataset()
     return build_coordinator(config_from_dict({**GENERATOR_CONFIG, "name": "fuzz-checkpoint"}),
-                             _tmp() / "checkpoint-logic", ENROL_TOKEN, _quiet)
+                             _tmp() / "checkpoint-logic", ENROL_TOKEN)
 
 
 # ---------------------------------------------------------------------------------------- wire codec
@@ -871,8 +874,8 @@ def fuzz_checkpoint(data: bytes) -> None:
     path.write_bytes(data)
     resealed = _resealed_checkpoint(path)
     def resume() -> None:  # a fresh coordinator each time; the logic is the one federation's, restored in place
-        RoundLoop(base.loop.logic, Coordinator(base.admission, base.settings, ENROL_TOKEN, _quiet),
-                  num_clients=base.settings.num_clients, checkpoint_path=path, say=_quiet)
+        RoundLoop(base.loop.logic, Coordinator(base.admission, base.settings, ENROL_TOKEN),
+                  num_clients=base.settings.num_clients, checkpoint_path=path)
 
     try:
         resume()
@@ -979,7 +982,7 @@ def _build_image_folder(data: bytes, root: Path) -> int | None:
 
 @_target
 def fuzz_image_folder(data: bytes) -> None:
-    """gefl.data.image_folder.read_image_folder on a directory built from the input (image_folder_input):
+    """gefl.image_folder.read_image_folder on a directory built from the input (image_folder_input):
     up to four class folders with fuzzed names, up to eight entries: image files with any suffix,
     nested ones, symbolic links to anything inside the tree (loops included). Such a directory comes
     from elsewhere: a shard that was copied or unpacked onto the board."""

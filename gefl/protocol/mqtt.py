@@ -50,6 +50,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import struct
@@ -64,6 +65,8 @@ from urllib.parse import urlsplit
 from gefl.errors import GeflError
 from gefl.protocol import valid_client_name
 from gefl.protocol.wire import CHUNK_BYTES
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # paho is imported by Connection only: parsing URLs and messages does not need it
     import paho.mqtt.client as mqtt
@@ -320,8 +323,8 @@ class LogLimiter:
     """Says each (topic, reason) at most once per LOG_EVERY_S, counting what it held back: a drop
     is always logged, a flood of identical drops only now and then."""
 
-    def __init__(self, say: Callable[[str], None], every_s: float = LOG_EVERY_S) -> None:
-        self.say, self.every_s = say, every_s
+    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
+        self.logger, self.every_s = logger, every_s
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
 
@@ -335,7 +338,7 @@ class LogLimiter:
             if len(self._last) > 4096:
                 self._last.clear()
             self._last[key] = (now, 0)
-        self.say(text + (f" ({held} more like it since)" if held else ""))
+        self.logger.warning(text + (f" ({held} more like it since)" if held else ""))
 
 
 # ---------------------------------------------------------------------------------------- connections
@@ -367,10 +370,10 @@ class Connection:
 
     def __init__(self, url: BrokerUrl, client_id: str, auth: MqttAuth, *,
                  on_message: Callable[[mqtt.MQTTMessage], None], on_connect: Callable[[], None],
-                 will: Will | Callable[[], Will | None] | None = None, say: Callable[[str], None] = print) -> None:
+                 will: Will | Callable[[], Will | None] | None = None) -> None:
         import paho.mqtt.client as mqtt
 
-        self.url, self.say = url, say
+        self.url = url
         self.connected = threading.Event()
         self._closing = False
         self._restarting = False
@@ -388,7 +391,7 @@ class Connection:
         self._on_connect = on_connect
         self._on_message = on_message
         self._will = will
-        self._publish_log = LogLimiter(say)
+        self._publish_log = LogLimiter(log)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                                   protocol=mqtt.MQTTv311)
         self.client.max_inflight_messages_set(64)
@@ -442,35 +445,35 @@ class Connection:
         try:
             self._on_message(message)
         except Exception as exc:  # noqa: BLE001 - a malformed payload must never stop the connection
-            self.say(f"mqtt: dropped a message on {getattr(message, 'topic', '?')}: unexpected {exc!r}")
+            log.exception(f"mqtt: dropped a message on {getattr(message, 'topic', '?')}: unexpected {exc!r}")
 
     def _connected(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         if reason_code.is_failure:
             self.refusal = (f"the MQTT broker {self.url} refused the connection: {reason_code} (check the MQTT "
                             "username, GEFL_MQTT_PASSWORD and the broker's password file)")
-            self.say(f"mqtt: {self.refusal}")
+            log.error(f"mqtt: {self.refusal}")
             return
         self.refusal = None
         if self._ever_connected and not self._quiet_connect:
-            self.say(f"mqtt: reconnected to {self.url}")
+            log.info(f"mqtt: reconnected to {self.url}")
         self._quiet_connect = False
         self._ever_connected = True
         self.generation += 1
         try:
             self._on_connect()
         except Exception as exc:  # noqa: BLE001 - as in _message: paho's thread must live on
-            self.say(f"mqtt: after connecting: unexpected {exc!r}")
+            log.exception(f"mqtt: after connecting: unexpected {exc!r}")
         self.connected.set()
 
     def _disconnected(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         if self.connected.is_set() and not self._closing and not self._restarting:
-            self.say(f"mqtt: lost the connection to {self.url} ({reason_code}); reconnecting")
+            log.warning(f"mqtt: lost the connection to {self.url} ({reason_code}); reconnecting")
         self.connected.clear()
         if not self._closing:
             try:
                 self._set_will()  # the next connection's
             except Exception as exc:  # noqa: BLE001
-                self.say(f"mqtt: cannot set the last will: {exc!r}")
+                log.warning(f"mqtt: cannot set the last will: {exc!r}")
 
     def _subscribed(self, _client, _userdata, mid, reason_codes, _properties) -> None:
         with self._subscriptions:
@@ -478,7 +481,7 @@ class Connection:
             for topic, code in zip(topics, reason_codes, strict=False):
                 if code.is_failure:
                     self.refused_subscriptions.append(topic)
-                    self.say(f"mqtt: ERROR: the broker {self.url} refused the subscription to {topic} ({code}): "
+                    log.error(f"mqtt: the broker {self.url} refused the subscription to {topic} ({code}): "
                              "check the broker's ACL for this MQTT user")
             self._subscriptions.notify_all()
 

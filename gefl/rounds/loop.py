@@ -12,6 +12,7 @@ rounds by construction.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from gefl.protocol.wire import arrays_digest
 from gefl.rounds import checkpoint
 from gefl.rounds.federation import GENERATOR, ClientResult, Federation, Phase, RoundInfo, round_traffic, task_seed
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 UPLOAD_SLACK = 64 * 1024
 """Bytes an upload may exceed the global artifact it updates by (safetensors header differences)."""
@@ -139,7 +140,7 @@ class RoundLoop:
     def __init__(self, logic: RoundLogic, grid: Grid, *, num_clients: int, quorum: int = 1,
                  client_fraction: float = 1.0, seed: int = 0, eval_every: int = 10,
                  checkpoint_path: Path | None = None, devices: Clock | None = None,
-                 train_epochs: int = 1, generator_epochs: int = 1, say: Say = print) -> None:
+                 train_epochs: int = 1, generator_epochs: int = 1) -> None:
         self.logic = logic
         self.grid = grid
         self.quorum = quorum
@@ -147,7 +148,6 @@ class RoundLoop:
         self.checkpoint_path = checkpoint_path
         self.devices = devices
         self._epochs = {False: train_epochs, True: generator_epochs}
-        self.say = say
         self.federation: Federation[Any] = Federation(logic.phases(), num_clients, client_fraction, seed, eval_every)
         self.started = time.monotonic()
         self.elapsed_before = 0.0
@@ -159,7 +159,7 @@ class RoundLoop:
     def run(self) -> None:
         """Drive every remaining round; returns when the run is finished or the grid is stopping."""
         if self.federation.completed:
-            self.say(f"resuming after round {self.federation.completed} of {self.federation.total_rounds}; global "
+            log.info(f"resuming after round {self.federation.completed} of {self.federation.total_rounds}; global "
                      f"state sha256 {arrays_digest(self.logic.snapshot()[0])}")
         while not self.federation.finished:
             online = self.grid.wait_for_clients(self.quorum)
@@ -182,7 +182,7 @@ class RoundLoop:
             if not self.grid.retries:
                 raise GeflError(f"round {info.number}: every client's update was refused (see above); if "
                                 "training diverged, lower train.lr")
-            self.say(f"round {info.number}: {len(delivery.results)} result(s) by the deadline, the quorum is "
+            log.warning(f"round {info.number}: {len(delivery.results)} result(s) by the deadline, the quorum is "
                      f"{needed}: running the round again")
             return
         record: dict = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
@@ -216,7 +216,7 @@ class RoundLoop:
         self.save_checkpoint()
         elapsed = time.monotonic() - self.started
         eta = elapsed / (info.number - self._resumed_at) * (self.federation.total_rounds - info.number)
-        self.say(f"{line}  {record['seconds']:.1f}s  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+        log.info(f"{line}  {record['seconds']:.1f}s  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
 
     def plan(self, info: RoundInfo) -> RoundPlan:
         """Begin the round: each tier's artifacts, each participant's tier and seed."""

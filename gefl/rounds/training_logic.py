@@ -6,6 +6,7 @@ this process on an aggregator).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,8 +23,10 @@ from gefl.rounds.checkpoint import restore_global_state, state_arrays
 from gefl.rounds.federation import Phase, RoundInfo
 from gefl.rounds.rundir import RunDir
 from gefl.rounds.scoreboard import Scoreboard, format_accuracy
-from gefl.tiers.devices import DEVICES_PATH, Policy, load_catalogue, load_profiles, select_tier
+from gefl.tiers.devices import DEVICES_PATH, DeviceProfile, Policy, load_catalogue, load_profiles, select_tier
 from gefl.tiers.models import count_parameters, get_model
+
+log = logging.getLogger(__name__)
 
 
 class Evaluator(Protocol):
@@ -41,11 +44,10 @@ class TrainingLogic:
 
     def __init__(self, cfg: Config, dataset: Dataset, run: RunDir, *, evaluator: Evaluator,
                  tiers: list[str] | None = None, used: list[str] | None = None, algorithm: Algorithm | None = None,
-                 extras: Callable[[], dict] | None = None, say: Callable[[str], None] = print) -> None:
+                 extras: Callable[[], dict] | None = None) -> None:
         self.cfg = cfg
         self.dataset = dataset
         self.run = run
-        self.say = say
         self.extras = extras or (lambda: {})
         """More keys for summary.json, asked for at the end (the simulated devices' totals)."""
         self.federation = cfg.name
@@ -71,17 +73,13 @@ class TrainingLogic:
                 raise GeflError(f"tier {request.tier!r} is not offered by this federation; it offers "
                                 f"{', '.join(self.tiers)} (or ask for 'auto')")
             return request.tier, f"{request.tier}: asked for by the client"
-        memory = request.profile.get("memory_available_bytes")
-        speed = request.profile.get("train_samples_per_s")
-        if not memory or not speed:
-            raise GeflError("tier 'auto' needs the device's measured profile (memory and training speed); "
-                            "run the client with --tier auto on the device itself, or name a tier with --tier")
+        device = DeviceProfile.from_probe(request.profile, request.name)
         policy = Policy(deadline_s=self.cfg.network.round_timeout,
                         samples_per_round=request.num_samples * self.cfg.train.local_epochs,
                         memory_fraction=self._memory_fraction)
         # The client's probe says whether its torch can use a GPU; that decides which build's memory it pays.
-        choice = select_tier(self.tiers, memory / 2**20, speed, policy, self._catalogue,
-                             cuda=bool(request.profile.get("cuda")))
+        choice = select_tier(self.tiers, device.memory_available_mb, device.train_samples_per_s, policy,
+                             self._catalogue, cuda=device.cuda)
         return choice.tier, choice.reason
 
     def begin_round(self, info: RoundInfo) -> None:
@@ -138,7 +136,7 @@ class TrainingLogic:
                               self.dataset, self.cfg)
         self.run.write_json("partition.json", clients)
         self.run.write_json("summary.json", summary)
-        self.say(format_summary(summary))
+        log.info(format_summary(summary))
 
 
 def format_summary(summary: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from gefl.rounds.training_logic import TrainingLogic, format_summary
 from gefl.simulation.device_sim import format_device_summary, simulated_devices
 from gefl.simulation.executor import Executor, WorkerContext, default_workers, make_executor
 
-Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
+
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,7 +51,6 @@ def simulate(
     *,
     out: str | Path | None = None,
     resume: str | Path | None = None,
-    progress: Progress | None = print,
 ) -> dict:
     """Run a federation in-process and return its summary (also written to the run directory).
 
@@ -67,7 +68,6 @@ def simulate(
         if config is None:
             config = Path(resume) / "config.yaml"
     cfg = _as_config(config)
-    say = progress or (lambda _msg: None)
     device = resolve_device(cfg.device)
     if resume is None:
         RunDir.check_target(out)
@@ -92,31 +92,30 @@ def simulate(
                              workers, device)
     try:
         logic = TrainingLogic(cfg, dataset, run, tiers=tiers, used=tiers, evaluator=executor, algorithm=algorithm,
-                              extras=(lambda: {"devices": devices.summary()}) if devices is not None else None,
-                              say=say)
-        loop = RoundLoop(logic, PoolGrid(executor, tier_of, partition, say), num_clients=cfg.num_clients,
+                              extras=(lambda: {"devices": devices.summary()}) if devices is not None else None)
+        loop = RoundLoop(logic, PoolGrid(executor, tier_of, partition), num_clients=cfg.num_clients,
                          client_fraction=cfg.client_fraction, seed=cfg.seed, eval_every=cfg.eval.every,
                          checkpoint_path=run.path / CHECKPOINT, devices=devices, train_epochs=cfg.train.local_epochs,
-                         generator_epochs=cfg.gefl.generator.local_epochs, say=say)
+                         generator_epochs=cfg.gefl.generator.local_epochs)
         if resume is not None and not loop.federation.completed:
             raise GeflError(f"{resume}'s checkpoint has no round closed yet; start the run afresh")
         run.write_json("partition.json", partition)
-        say(f"gefl simulate: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients, "
+        log.info(f"gefl simulate: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients, "
             f"{loop.federation.total_rounds} rounds ({', '.join(f'{ph.name} {ph.rounds}' for ph in logic.phases())}), "
             f"{workers} worker(s) on {device.type} -> {run.path}")
         sizes = [len(clients[c]) for c in range(cfg.num_clients)]
         if devices is not None:
             classes = devices.summary()["device_classes"]
-            say(f"devices: {cfg.devices}: " + "; ".join(
+            log.info(f"devices: {cfg.devices}: " + "; ".join(
                 f"{name} x{d['clients']} -> {', '.join(d['tiers'])}" for name, d in classes.items()))
-        say(f"data: {cfg.partition.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
+        log.info(f"data: {cfg.partition.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
             f"label histograms in {run.path / 'partition.json'}")
         loop.run()
     finally:
         executor.close()
     summary = json.loads((run.path / "summary.json").read_text())
     if devices is not None:
-        say(format_device_summary(summary["devices"]))
+        log.info(format_device_summary(summary["devices"]))
     return summary
 
 
@@ -126,12 +125,10 @@ class PoolGrid:
 
     retries = False
 
-    def __init__(self, executor: Executor, tier_of: Callable[[int], str], partition: list[dict],
-                 say: Progress) -> None:
+    def __init__(self, executor: Executor, tier_of: Callable[[int], str], partition: list[dict]) -> None:
         self.executor = executor
         self._tier_of = tier_of
         self._partition = partition
-        self.say = say
 
     def wait_for_clients(self, quorum: int) -> list[int]:
         return [c["client"] for c in self._partition]
@@ -149,7 +146,7 @@ class PoolGrid:
             try:
                 delivery.results[result.client_id] = accept(result)
             except GeflError as exc:
-                self.say(f"round {info.number}: update of client {result.client_id} refused, the global state is "
+                log.warning(f"round {info.number}: update of client {result.client_id} refused, the global state is "
                          f"unchanged by it: {exc}")
                 continue
             delivery.upload_bytes[result.client_id] = len(result.state)

@@ -157,6 +157,20 @@ class DeviceProfile:
     expected_tier: str | None = None
     """The tier the policy should pick under the devices file's policy section (checked by the tests)."""
 
+    @classmethod
+    def from_probe(cls, report: dict, name: str = "this device") -> DeviceProfile:
+        """The profile of a device that `gefl probe` measured (edge_client.probe.ProbeReport.to_dict():
+        bytes, a CUDA description or None), as the policy reads it (MB, a CUDA build or not): the one
+        place that converts, for `gefl probe` on the board and `--tier auto` on the aggregator."""
+        memory = report.get("memory_available_bytes")
+        speed = report.get("train_samples_per_s")
+        if not memory or not speed:
+            raise GeflError("tier 'auto' needs the device's measured profile (memory and training speed); run the "
+                            "client with --tier auto on the device itself, or name a tier with --tier")
+        total = report.get("memory_total_bytes")
+        return cls(name, memory / 2**20, float(speed), cores=int(report.get("cpu_count") or 1),
+                   memory_total_mb=total / 2**20 if total else None, cuda=bool(report.get("cuda")))
+
 
 @dataclass(frozen=True)
 class Policy:

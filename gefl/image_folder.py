@@ -25,10 +25,10 @@ MAX_IMAGE_PIXELS; anything else is a GeflError naming the file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from gefl.errors import GeflError, unknown_name
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # gefl.data imports torch; this module must stay importable without it
     from gefl.data import Split
@@ -78,7 +80,6 @@ def write_split(
     shards_per_client: int = 2,
     seed: int = 0,
     data_dir: str | Path | None = None,
-    progress: Callable[[str], None] | None = print,
 ) -> dict:
     """Write each client's share of `dataset`'s training set as out/client-NNN/ in ImageFolder layout.
 
@@ -90,7 +91,6 @@ def write_split(
     """
     from gefl.data import PARTITIONS, load_raw, partition
 
-    say = progress or (lambda _msg: None)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "a file" if not out.is_dir() else "a directory that is not empty"
@@ -112,7 +112,7 @@ def write_split(
         raise GeflError(f"dataset {dataset!r} has labels outside 0..{num_classes - 1}; it cannot be written "
                         "as one folder per class")
 
-    say(f"gefl data split: {dataset}, {num_clients} clients, {kind} partition (seed {seed}) -> {out}")
+    log.info(f"gefl data split: {dataset}, {num_clients} clients, {kind} partition (seed {seed}) -> {out}")
     clients = []
     for client, indices in enumerate(parts):
         client_dir = out / client_dir_name(client)
@@ -125,7 +125,7 @@ def write_split(
         clients.append({"client": client, "dir": client_dir.name, "num_samples": len(indices),
                         "label_histogram": histogram})
         present = sum(1 for n in histogram if n)
-        say(f"  {client_dir.name}: {len(indices)} images, {present}/{num_classes} classes present")
+        log.info(f"  {client_dir.name}: {len(indices)} images, {present}/{num_classes} classes present")
 
     manifest = {
         "dataset": dataset,
@@ -136,7 +136,7 @@ def write_split(
         "clients": clients,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    say(f"wrote {sum(c['num_samples'] for c in clients)} images and {out / MANIFEST}")
+    log.info(f"wrote {sum(c['num_samples'] for c in clients)} images and {out / MANIFEST}")
     return manifest
 
 
