@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gefl import protocol as p
@@ -58,10 +58,19 @@ class Client:
     label_histogram: list[int]
     online: bool = False
     last_seen: float = 0.0
+    tier_reason: str = ""
+    transport: str = ""
+    since: float = 0.0
+    """Monotonic time it last went online or offline."""
+    contributed: int = 0
+    """Rounds whose aggregate holds its result."""
+    refusals: list[dict] = field(default_factory=list)
+    """Its last few refused uploads: round, code, reason."""
 
     def to_dict(self) -> dict:
         return {"client_id": self.client_id, "name": self.name, "tier": self.tier, "token_sha256": self.token_sha256,
-                "num_samples": self.num_samples, "label_histogram": self.label_histogram}
+                "num_samples": self.num_samples, "label_histogram": self.label_histogram,
+                "tier_reason": self.tier_reason, "contributed": self.contributed}
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class Coordinator:
         self._told_finished: set[int] = set()
         self._offline_hooks: dict[int, list[Callable[[], Any]]] = {}
         self._upload_sizes: dict[int, int] = {}
+        self._refused: dict[int, str] = {}
         self._registry_dirty = False
         self.on_registry_change: Callable[[], None] = lambda: None
         """Called from the driver thread when registrations changed: the loop checkpoints them."""
@@ -128,7 +138,8 @@ class Coordinator:
         self.loop.run()
 
     # ------------------------------------------------------------------ called by transports
-    def register(self, enrol_token: str, request: RegisterRequest, peer_name: str | None = None) -> Registration:
+    def register(self, enrol_token: str, request: RegisterRequest, peer_name: str | None = None,
+                 transport: str = "") -> Registration:
         """Admit a device, or give a registered one its client id back.
 
         The enrolment token is shared by every device, so it cannot tell them apart: a name that is
@@ -188,8 +199,11 @@ class Coordinator:
                 old = self.clients[client_id]
                 self._by_token.pop(old.token_sha256, None)
                 log.info(f"client {client_id} registered again: {name}, tier {tier}")
+            now = time.monotonic()
+            earlier = self.clients.get(client_id)
             client = Client(client_id, name, tier, _hash(token), request.num_samples,
-                            [int(n) for n in request.label_histogram], True, time.monotonic())
+                            [int(n) for n in request.label_histogram], True, now, reason, transport, now,
+                            earlier.contributed if earlier else 0, earlier.refusals if earlier else [])
             self.clients[client_id] = client
             self._by_token[client.token_sha256] = client_id
             self._registry_dirty = True
@@ -218,7 +232,7 @@ class Coordinator:
     def _seen(self, client: Client) -> None:
         client.last_seen = time.monotonic()
         if not client.online:
-            client.online = True
+            client.online, client.since = True, client.last_seen
             log.info(f"client {client.client_id} ({client.name}) is back")
             self._cond.notify_all()
 
@@ -238,7 +252,7 @@ class Coordinator:
     def disconnected(self, client: Client, why: str) -> None:
         with self._cond:
             if client.online and not self.finished:
-                client.online = False
+                client.online, client.since = False, time.monotonic()
                 log.warning(f"client {client.client_id} ({client.name}) is offline: {why}; not waiting for it")
                 self._cond.notify_all()
 
@@ -389,6 +403,10 @@ class Coordinator:
 
     def log_refusal(self, client: Client, round_number: int, exc: Refused) -> None:
         exc.logged = True
+        with self._cond:
+            client.refusals = [*client.refusals[-4:], {"round": round_number, "code": exc.code, "reason": str(exc)}]
+            if self._plan is not None and self._plan.info.number == round_number:
+                self._refused[client.client_id] = f"[{exc.code}] {exc}"
         log.warning(f"round {round_number}: upload from client {client.client_id} ({client.name}) refused "
                  f"[{exc.code}]: {exc}; the global state is unchanged by it")
 
@@ -405,7 +423,7 @@ class Coordinator:
         now = time.monotonic()
         for client in self.clients.values():
             if client.online and now - client.last_seen > self.settings.heartbeat_timeout:
-                client.online = False
+                client.online, client.since = False, now
                 log.warning(f"client {client.client_id} ({client.name}) is offline: no heartbeat for "
                          f"{now - client.last_seen:.1f} s; not waiting for it")
                 for hook in self._offline_hooks.get(client.client_id, []):
@@ -438,7 +456,7 @@ class Coordinator:
                 for tier, arts in plan.artifacts.items()}  # hashed before taking the lock every call needs
         with self._cond:
             self._plan, self._accept, self._results, self._upload_sizes = plan, accept, {}, {}
-            self._artifacts, self._refs = plan.artifacts, refs
+            self._artifacts, self._refs, self._refused = plan.artifacts, refs, {}
             self._round_deadline = started + self.settings.round_timeout
             self.round_started[plan.info.number] = started
             self._cond.notify_all()
@@ -455,12 +473,42 @@ class Coordinator:
                 if not pending or time.monotonic() >= self._round_deadline:
                     break
                 self._cond.wait(0.1)
-            delivery = Delivery(dict(self._results), dict(self._upload_sizes), stopped=self.stopping.is_set())
+            delivery = Delivery(dict(self._results), dict(self._upload_sizes), dict(self._refused),
+                                stopped=self.stopping.is_set())
             self._plan, self._accept, self._results, self._upload_sizes = None, None, {}, {}
             self._artifacts, self._refs = {}, {}
             self.round_closed[plan.info.number] = time.monotonic()
         self._notify("round_closed")
         return delivery
+
+    def closed(self, record: dict) -> None:
+        """A round was counted: its contributors' tallies go up (the status page shows them)."""
+        with self._cond:
+            for c in record.get("contributors", []):
+                self.clients[c].contributed += 1
+
+    def status(self) -> dict:
+        """What the status page and `gefl aggregator status` show (no tokens, no token hashes)."""
+        now = time.monotonic()
+        with self._cond:
+            plan = self._plan
+            federation = self.loop.federation if self.loop is not None else None
+            return {
+                "federation": self.admission.federation,
+                "completed": federation.completed if federation else 0,
+                "total_rounds": federation.total_rounds if federation else 0,
+                "finished": self.finished, "quorum": self.quorum,
+                "round": {"number": plan.info.number, "phase": plan.info.phase,
+                          "participants": list(plan.info.participants), "results": len(self._results),
+                          "time_left_s": max(0.0, self._round_deadline - now)} if plan else None,
+                "clients": [{"client_id": c.client_id, "name": c.name, "tier": c.tier, "tier_reason": c.tier_reason,
+                             "transport": c.transport, "online": c.online,
+                             "since_s": now - c.since if c.since else None,
+                             "last_seen_s": now - c.last_seen if c.last_seen else None,
+                             "num_samples": c.num_samples, "contributed": c.contributed,
+                             "refusals": list(c.refusals)}
+                            for c in sorted(self.clients.values(), key=lambda c: c.client_id)],
+            }
 
     def roster(self) -> list[dict]:
         """Every registered client (no tokens), for partition.json."""
@@ -492,7 +540,9 @@ class Coordinator:
 
     def restore(self, state: dict) -> None:
         clients = [Client(int(c["client_id"]), str(c["name"]), str(c["tier"]), str(c["token_sha256"]),
-                          int(c["num_samples"]), [int(n) for n in c["label_histogram"]]) for c in state["clients"]]
+                          int(c["num_samples"]), [int(n) for n in c["label_histogram"]],
+                          tier_reason=str(c.get("tier_reason", "")), contributed=int(c.get("contributed", 0)))
+                   for c in state["clients"]]
         for client in clients:
             if not p.valid_client_name(client.name) or not _SHA256.match(client.token_sha256):
                 raise ValueError(f"client {client.client_id}'s name or token hash is not one this aggregator writes")

@@ -70,8 +70,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         profile = request.profile
         try:
-            reg = self.coordinator.register(bearer_token(context), peer_name=certificate_name(context),
-                                            request=RegisterRequest(
+            reg = self.coordinator.register(bearer_token(context), transport="gRPC",
+                                            peer_name=certificate_name(context), request=RegisterRequest(
                 name=request.name, tier=request.tier or "auto",
                 profile={"arch": profile.arch, "cpu_count": profile.cpu_count,
                          "memory_total_bytes": profile.memory_total_bytes,

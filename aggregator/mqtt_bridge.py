@@ -239,7 +239,7 @@ class MqttBridge:
                                       num_samples=m.field(msg, "num_samples", int, what),
                                       label_histogram=tuple(histogram), protocol_version=version,
                                       credential=str(msg.get("credential", ""))[:256])
-            reg = self.coordinator.register(enrol_token, request)
+            reg = self.coordinator.register(enrol_token, request, transport="MQTT")
         except m.Malformed as exc:
             self._refuse(name, key, Refused(INVALID_ARGUMENT, str(exc)), op="register", request_id=request_id)
             raise

@@ -27,7 +27,7 @@ from gefl.errors import GeflError
 from gefl.protocol import check_plaintext
 from gefl.protocol.mqtt import BrokerUrl, MqttAuth
 from gefl.rounds.checkpoint import CHECKPOINT
-from gefl.rounds.loop import RoundLoop
+from gefl.rounds.loop import RoundLoop, observers_for
 from gefl.rounds.rundir import RunDir
 from gefl.rounds.training_logic import TrainingLogic
 from gefl.simulation.device_sim import DeviceSimulation
@@ -80,7 +80,8 @@ def build_coordinator(cfg: Config, state_dir: Path, token: str | None,
     coordinator.loop = RoundLoop(logic, coordinator, num_clients=cfg.num_clients, quorum=settings.min_clients,
                                  client_fraction=cfg.client_fraction, seed=cfg.seed, eval_every=cfg.eval.every,
                                  checkpoint_path=run.path / CHECKPOINT, devices=devices,
-                                 train_epochs=cfg.train.local_epochs, generator_epochs=cfg.gefl.generator.local_epochs)
+                                 train_epochs=cfg.train.local_epochs, generator_epochs=cfg.gefl.generator.local_epochs,
+                                 observers=observers_for(cfg))
     coordinator.on_registry_change = coordinator.loop.save_checkpoint
     return coordinator
 
@@ -92,7 +93,8 @@ class MqttEndpoint:
 
 
 def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls: TlsFiles | None = None,
-          mqtt: MqttEndpoint | None = None, token: str | None = None,
+          mqtt: MqttEndpoint | None = None, token: str | None = None, status: str | None = None,
+          status_token: str | None = None,
           insecure: bool = False) -> int:
     """Serve over gRPC on `listen`, over MQTT through `mqtt`'s broker, or both at once (one federation),
     until every round is done (or SIGTERM / Ctrl-C); returns the rounds completed."""
@@ -103,7 +105,7 @@ def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls:
     if mqtt is not None and not mqtt.url.tls:
         check_plaintext(mqtt.url.host, "MQTT (mqtt://)", insecure)
     coordinator = build_coordinator(cfg, Path(state_dir), token)
-    server = health = bridge = None
+    server = health = bridge = page = None
     faces = []
     try:
         if listen is not None:
@@ -117,6 +119,11 @@ def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls:
             bridge.start()
             faces.append(f"MQTT via {bridge.url} ({'TLS' if mqtt.url.tls else 'no TLS'}; clients use "
                          f"--aggregator {bridge.url})")
+        if status is not None:
+            from gefl.aggregator.status import StatusServer
+
+            page = StatusServer(coordinator, status, status_token, Path(state_dir) / "metrics.jsonl").start()
+            faces.append(f"a status page on {page.url}")
         log.info(f"gefl aggregator: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients (quorum "
             f"{coordinator.quorum}), {coordinator.federation.total_rounds} rounds; serving {' and '.join(faces)}; "
             f"state in {state_dir}")
@@ -135,6 +142,8 @@ def serve(cfg: Config, state_dir: str | Path, *, listen: str | None = None, tls:
                 health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if bridge is not None:
             bridge.stop()
+        if page is not None:
+            page.stop()
         if server is not None:
             server.stop(grace=1.0).wait()
     if not coordinator.federation.finished:

@@ -29,6 +29,8 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):  # -> Confi
         overrides.append(f"data_dir={args.data_dir}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
+    if getattr(args, "tensorboard", None):
+        overrides.append(f"tensorboard={args.tensorboard}")
     return load_config(config, overrides)
 
 
@@ -39,10 +41,10 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.transport != "inprocess":
             raise GeflError("--resume continues an in-process run; a networked run resumes through its aggregator's "
                             "--state-dir (gefl aggregator serve)")
-        given = args.config or args.set or args.data_dir or args.seed is not None or args.devices
+        given = args.config or args.set or args.data_dir or args.seed is not None or args.devices or args.tensorboard
         # Given no config, the run's own config.yaml; given one, any key that differs from it is refused.
         cfg = _load(args, [f"devices={args.devices}"] if args.devices else []) if given else None
-        simulate(cfg, out=args.out, resume=args.resume)
+        _report_at_end(simulate(cfg, out=args.out, resume=args.resume)["run_dir"])
         return 0
     cfg = _load(args, [f"devices={args.devices}"] if args.devices else [])
     if args.broker and args.transport != "mqtt":
@@ -50,12 +52,26 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.transport in ("grpc", "mqtt"):
         from gefl.aggregator.local_federation import simulate_over_network
 
-        simulate_over_network(cfg, args.transport, broker=args.broker, out=args.out)
+        summary = simulate_over_network(cfg, args.transport, broker=args.broker, out=args.out)
     else:
         from gefl.simulation import simulate
 
-        simulate(cfg, out=args.out)
+        summary = simulate(cfg, out=args.out)
+    _report_at_end(summary["run_dir"])
     return 0
+
+
+def _report_at_end(run_dir: str) -> None:
+    """A finished run's report (gefl report RUN_DIR), written by the command that ran it; a report that
+    cannot be drawn (no matplotlib) is a warning, never a failed run."""
+    import logging
+
+    try:
+        from gefl.report import write_report
+
+        write_report(run_dir)
+    except (GeflError, ImportError) as exc:
+        logging.getLogger(__name__).warning(f"no report for {run_dir}: {exc}")
 
 
 def _tls_files(cert: str | None, key: str | None, client_ca: str | None):  # -> TlsFiles | None
@@ -122,7 +138,6 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _aggregator_serve(args: argparse.Namespace) -> int:
     from gefl.aggregator.serve import MqttEndpoint, serve
-
     from gefl.protocol.mqtt import parse_broker_url
 
     cfg = _load(args)
@@ -134,8 +149,30 @@ def _aggregator_serve(args: argparse.Namespace) -> int:
     elif args.mqtt_user or args.mqtt_ca or args.mqtt_cert:
         raise GeflError("--mqtt-user, --mqtt-ca and --mqtt-cert need --mqtt URL (the broker to serve through)")
     listen = args.listen or (None if mqtt else "0.0.0.0:50051")
-    serve(cfg, args.state_dir, listen=listen, tls=tls, mqtt=mqtt, token=_token(args),
-          insecure=args.insecure)
+    serve(cfg, args.state_dir, listen=listen, tls=tls, mqtt=mqtt, token=_token(args), insecure=args.insecure,
+          status=args.status, status_token=_status_token(args) if args.status else None)
+    _report_at_end(args.state_dir)
+    return 0
+
+
+def _status_token(args: argparse.Namespace) -> str | None:
+    """--status-token-file, else $GEFL_STATUS_TOKEN, else None (loopback only)."""
+    import os
+
+    from gefl.aggregator.status import STATUS_TOKEN_ENV
+
+    if args.status_token_file:
+        return _read_token_file(args.status_token_file)
+    return os.environ.get(STATUS_TOKEN_ENV) or None
+
+
+def _aggregator_status(args: argparse.Namespace) -> int:
+    import json
+
+    from gefl.aggregator.status import fetch_status, format_status
+
+    status = fetch_status(args.url, _status_token(args))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
@@ -225,7 +262,6 @@ def _probe(args: argparse.Namespace) -> int:
     import json
 
     from gefl.edge_client.probe import format_profile, probe
-
     from gefl.tiers.devices import DEVICES_PATH, DeviceProfile, Policy, load_catalogue, load_profiles, select_tier
 
     _, defaults = load_profiles(DEVICES_PATH)
@@ -272,6 +308,19 @@ def _samples(args: argparse.Namespace) -> int:
     if args.per_class < 1:
         raise GeflError(f"--per-class must be at least 1, got {args.per_class}")
     print(f"wrote {render_samples(args.run_dir, args.out, args.per_class, args.seed, args.data_dir)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gefl.report import write_comparison, write_report
+
+    if len(args.run_dirs) > 1:
+        if not args.out:
+            raise GeflError(f"comparing {len(args.run_dirs)} runs needs --out DIR (the report belongs to none of "
+                            "them); e.g. gefl report RUN_A RUN_B --out compare/")
+        write_comparison(args.run_dirs, args.out)
+    else:
+        write_report(args.run_dirs[0], args.out)
     return 0
 
 
@@ -344,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "Mosquitto broker started on a free port")
     sim.add_argument("--broker", metavar="URL", help="with --transport mqtt: use this broker (mqtt://HOST:PORT) "
                      "instead of starting one")
+    sim.add_argument("--tensorboard", metavar="DIR", help="write per-round scalars (accuracy per tier, loss, bytes, "
+                     "simulated time) for `tensorboard --logdir DIR` (config key tensorboard; needs the tensorboard "
+                     "extra)")
     sim.add_argument("--devices", metavar="YAML",
                      help="simulate a device mix (e.g. configs/devices.yaml): each client picks its tier by the "
                      "device policy and a simulated clock drives deadlines and stragglers")
@@ -402,6 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--data-dir", metavar="DIR", help="where the run's dataset is, for real features (gefl-f)")
     smp.set_defaults(func=_samples)
 
+    rep = sub.add_parser(
+        "report", parents=[_LOG_OPTIONS],
+        help="draw a run (or compare runs) as an HTML page with figures",
+        description="Write RUN_DIR/report/ (or --out DIR): index.html, self-contained (opens from disk), with the "
+        "summary and config, and a PNG per figure the run has data for: accuracy per tier with the phases shaded, "
+        "training loss, bytes per client, simulated round time and stragglers (--devices runs), who contributed "
+        "to each round (and why the others did not), the generator's samples. Given two or more run directories, "
+        "writes a comparison into --out DIR: their mean-accuracy curves and a table. Needs matplotlib "
+        "(pip install 'gefl-edge[report]').",
+    )
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory; two or more to compare them")
+    rep.add_argument("--out", "-o", metavar="DIR",
+                     help="where the report goes (default RUN_DIR/report; required when comparing)")
+    rep.set_defaults(func=_report)
 
     inf = sub.add_parser(
         "infer", parents=[_LOG_OPTIONS],
@@ -478,7 +544,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--mqtt-ca", metavar="PEM", help="CA certificate that signed the broker's (mqtts://)")
     srv.add_argument("--mqtt-cert", metavar="PEM", help="client certificate for the broker, if it asks for one")
     srv.add_argument("--mqtt-key", metavar="PEM", help="private key of --mqtt-cert")
+    srv.add_argument("--status", metavar="HOST:PORT",
+                     help="serve a live status page (and status.json) here: clients, tiers, the open round, accuracy "
+                     "so far; off by default. Off loopback it needs an admin token ($GEFL_STATUS_TOKEN or "
+                     "--status-token-file)")
+    srv.add_argument("--status-token-file", metavar="FILE", help="file holding the status page's admin token")
+    srv.add_argument("--tensorboard", metavar="DIR", help="write per-round scalars for TensorBoard into DIR (config "
+                     "key tensorboard; needs the tensorboard extra)")
     srv.set_defaults(func=_aggregator_serve)
+
+    sts = agg_sub.add_parser(
+        "status", parents=[_LOG_OPTIONS], help="print a running aggregator's status (its --status page)",
+        description="Read the status.json of an aggregator started with --status, and print its clients and "
+        "open round as a table (or the JSON with --json).")
+    sts.add_argument("url", metavar="URL", help="the status page, e.g. http://127.0.0.1:8080/")
+    sts.add_argument("--json", action="store_true", help="print status.json as it is")
+    sts.add_argument("--status-token-file", metavar="FILE",
+                     help="file holding the admin token (default: $GEFL_STATUS_TOKEN)")
+    sts.set_defaults(func=_aggregator_status)
 
     cli = sub.add_parser("client", help="take part in a federation from this device",
                          description="The edge side of a networked federation.")

@@ -137,5 +137,9 @@ class Config:
     """A devices file (configs/devices.yaml): each client gets a device profile from its mix, picks its
     tier by the device policy, and the run keeps a simulated clock with deadlines and stragglers."""
 
+    tensorboard: str | None = None
+    """A directory for TensorBoard scalars per round (accuracy, loss, bytes, simulated time); needs the
+    tensorboard extra."""
+
     def tier_of(self, client_id: int) -> str:
         return self.tiers[client_id % len(self.tiers)]

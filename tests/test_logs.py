@@ -53,3 +53,22 @@ def test_json_lines_carry_the_level_and_exception():
         record = logging.LogRecord("gefl.x", logging.ERROR, __file__, 1, "failed: %s", ("it",), sys.exc_info())
     line = json.loads(JsonLines().format(record))
     assert line["level"] == "error" and line["message"] == "failed: it" and "ValueError: bad" in line["exception"]
+
+
+def test_tensorboard_events_hold_each_rounds_accuracy(tmp_path):
+    """--tensorboard DIR: the scalars read back with tensorboard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = subprocess.run([sys.executable, "-m", "gefl.cli", "simulate", "--set", "algorithm=fedavg", "--set",
+                           "num_clients=2", "--set", "tiers=[cnn2,cnn3]", "--set", "rounds=2", "--set",
+                           "partition.samples_per_client=50", "--set", "eval.every=1", "--out", str(tmp_path / "run"),
+                           "--tensorboard", str(tmp_path / "tb"), "-q"],
+                          capture_output=True, text=True, env={**os.environ, "GEFL_NO_DOWNLOAD": "1"})
+    assert done.returncode == 0, done.stderr
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"accuracy/mean", "accuracy/cnn2", "accuracy/cnn3", "loss", "bytes_per_client/down"} <= tags, tags
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mean = [(e.step, round(e.value, 4)) for e in events.Scalars("accuracy/mean")]
+    assert mean == [(m["round"], round(m["mean_accuracy"], 4)) for m in metrics]

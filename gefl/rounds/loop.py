@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from gefl.errors import GeflError
 from gefl.protocol.wire import arrays_digest
 from gefl.rounds import checkpoint
 from gefl.rounds.federation import GENERATOR, ClientResult, Federation, Phase, RoundInfo, round_traffic, task_seed
+
+if TYPE_CHECKING:  # the schema imports the tiers (torch); the coordinator runs this loop without torch
+    from gefl.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,8 @@ class Delivery:
 
     results: dict[int, Any] = field(default_factory=dict)
     upload_bytes: dict[int, int] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
+    """Participants whose result was refused, and why."""
     stopped: bool = False
     """The service is stopping: the round is dropped, not counted."""
 
@@ -126,11 +131,23 @@ class Grid(Protocol):
 
     def restore(self, state: dict) -> None: ...
 
+    def closed(self, record: dict) -> None:
+        """A round's metrics record, once it is stored (the coordinator counts contributions)."""
+
     def roster(self) -> list[dict]:
         """Every client, for partition.json."""
 
     def finish(self) -> None:
         """The last round is done (tell the clients)."""
+
+
+def observers_for(cfg: Config) -> list[Callable[[dict], None]]:
+    """The metrics observers a config asks for (`tensorboard: DIR`)."""
+    if not cfg.tensorboard:
+        return []
+    from gefl.rounds.tensorboard import TensorBoard
+
+    return [TensorBoard(cfg.tensorboard)]
 
 
 class RoundLoop:
@@ -140,13 +157,16 @@ class RoundLoop:
     def __init__(self, logic: RoundLogic, grid: Grid, *, num_clients: int, quorum: int = 1,
                  client_fraction: float = 1.0, seed: int = 0, eval_every: int = 10,
                  checkpoint_path: Path | None = None, devices: Clock | None = None,
-                 train_epochs: int = 1, generator_epochs: int = 1) -> None:
+                 train_epochs: int = 1, generator_epochs: int = 1,
+                 observers: Sequence[Callable[[dict], None]] = ()) -> None:
         self.logic = logic
         self.grid = grid
         self.quorum = quorum
         self.seed = seed
         self.checkpoint_path = checkpoint_path
         self.devices = devices
+        self.observers = list(observers)
+        """Called with every stored metrics record (TensorBoard); a failing one is logged, never fatal."""
         self._epochs = {False: train_epochs, True: generator_epochs}
         self.federation: Federation[Any] = Federation(logic.phases(), num_clients, client_fraction, seed, eval_every)
         self.started = time.monotonic()
@@ -187,6 +207,8 @@ class RoundLoop:
             return
         record: dict = {"round": info.number, "phase": info.phase, "phase_round": info.phase_round,
                         "participants": list(info.participants)}
+        if delivery.refused:
+            record["refused"] = {str(c): reason for c, reason in sorted(delivery.refused.items())}
         late: list[int] = []
         if self.devices is not None:  # the simulated clock drops results a real deadline would have missed
             late, record["simulated_s"] = self._clock(plan, delivery)
@@ -213,6 +235,12 @@ class RoundLoop:
             line += f"  simulated {record['simulated_s']:.1f}s" + (f", {len(late)} late" if late else "")
         record["seconds"] = time.monotonic() - started
         self.logic.record(record)
+        self.grid.closed(record)
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:  # a dashboard's trouble must not stop the federation
+                log.exception(f"round {info.number}: an observer of the metrics failed")
         self.save_checkpoint()
         elapsed = time.monotonic() - self.started
         eta = elapsed / (info.number - self._resumed_at) * (self.federation.total_rounds - info.number)

@@ -20,7 +20,7 @@ from gefl.config import Config, config_from_dict, load_config
 from gefl.data import Dataset, Split, client_indices, label_histogram, load_dataset
 from gefl.errors import GeflError
 from gefl.rounds.checkpoint import CHECKPOINT
-from gefl.rounds.loop import Accept, Delivery, RoundLoop, RoundPlan
+from gefl.rounds.loop import Accept, Delivery, RoundLoop, RoundPlan, observers_for
 from gefl.rounds.rundir import RunDir
 from gefl.rounds.training_logic import TrainingLogic, format_summary
 from gefl.simulation.device_sim import format_device_summary, simulated_devices
@@ -96,7 +96,7 @@ def simulate(
         loop = RoundLoop(logic, PoolGrid(executor, tier_of, partition), num_clients=cfg.num_clients,
                          client_fraction=cfg.client_fraction, seed=cfg.seed, eval_every=cfg.eval.every,
                          checkpoint_path=run.path / CHECKPOINT, devices=devices, train_epochs=cfg.train.local_epochs,
-                         generator_epochs=cfg.gefl.generator.local_epochs)
+                         generator_epochs=cfg.gefl.generator.local_epochs, observers=observers_for(cfg))
         if resume is not None and not loop.federation.completed:
             raise GeflError(f"{resume}'s checkpoint has no round closed yet; start the run afresh")
         run.write_json("partition.json", partition)
@@ -146,6 +146,7 @@ class PoolGrid:
             try:
                 delivery.results[result.client_id] = accept(result)
             except GeflError as exc:
+                delivery.refused[result.client_id] = str(exc)
                 log.warning(f"round {info.number}: update of client {result.client_id} refused, the global state is "
                          f"unchanged by it: {exc}")
                 continue
@@ -156,6 +157,9 @@ class PoolGrid:
         return {}
 
     def restore(self, state: dict) -> None:
+        pass
+
+    def closed(self, record: dict) -> None:
         pass
 
     def roster(self) -> list[dict]:
