@@ -48,6 +48,14 @@ def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp
     best = {t: s["best_acc"] for t, s in local["tiers"].items()}
     assert {t: s["best_acc"] for t, s in remote["tiers"].items()} == best
     assert remote["bytes_per_client_per_round"] == local["bytes_per_client_per_round"]
+    # The networked run's report: every figure, the participation grid of its clients among them.
+    from gefl.report import write_report
+
+    index = write_report(tmp_path / "grpc")
+    html = index.read_text()
+    for figure in ("accuracy", "loss", "bytes", "participation", "samples"):
+        png = index.parent / f"{figure}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="{figure}.png"' in html, figure
 
 
 def test_the_simulated_device_clock_drops_the_same_stragglers_over_grpc(tmp_path):
