@@ -12,7 +12,6 @@ HTTP from the standard library: the page is one self-contained file that polls s
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import threading
@@ -26,21 +25,13 @@ from typing import Any
 from gefl.aggregator.coordinator import Coordinator
 
 from gefl.errors import GeflError
+from gefl.protocol import is_loopback
 
 log = logging.getLogger(__name__)
 
 STATUS_TOKEN_ENV = "GEFL_STATUS_TOKEN"
 MAX_HISTORY = 2000
 """Accuracy points served at most (one per evaluated round)."""
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def accuracy_history(metrics: Path) -> list[dict]:
@@ -68,7 +59,7 @@ class StatusServer:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise GeflError(f"--status {address!r} is not HOST:PORT (for example 127.0.0.1:8080)")
-        if not _loopback(host) and not token:
+        if not is_loopback(host) and not token:
             raise GeflError(f"the status page on {host} is reachable from other machines: give it an admin token "
                             f"in {STATUS_TOKEN_ENV} (or --status-token-file), or serve it on 127.0.0.1")
         self.coordinator, self.token, self.metrics = coordinator, token, metrics
