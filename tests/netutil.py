@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gefl.aggregator.mosquitto import free_port
 
-__all__ = ["SHORT", "TOKEN", "LogLines", "Process", "free_port", "read_metrics", "wait_for"]
+__all__ = ["SHORT", "TOKEN", "LogLines", "Process", "fast_slow_mix", "free_port", "read_metrics", "wait_for"]
 
 
 class LogLines(list):
@@ -47,6 +47,18 @@ SHORT = {"num_clients": 3, "tiers": ["cnn2", "cnn3", "cnn4"], "rounds": 2, "part
          "gefl": {"warmup_rounds": 1, "generator_rounds": 1, "generator": {"local_epochs": 1}}}
 """A GeFL-F run of four rounds, one per phase and two head rounds: the networked simulations compare it
 with the in-process one."""
+
+
+def fast_slow_mix(path: Path) -> Path:
+    """A devices file of two fast devices and one slow one, 1 s deadline: at 1000 samples per round the fast
+    ones train any tier in well under a second, the slow one needs 20 s and straggles every round."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "profiles": {"fast": {"memory_available_mb": 8000, "train_samples_per_s": 20000},
+                     "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
+        "policy": {"deadline_s": 1.0}, "mix": {"fast": 2, "slow": 1}}))
+    return path
 
 
 def read_metrics(run: Path) -> list[dict]:

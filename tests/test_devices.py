@@ -25,6 +25,8 @@ from gefl.tiers.devices import (
 )
 from gefl.tiers.models import PAPER_TIERS
 
+from netutil import fast_slow_mix
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A small catalogue with round numbers, so every expectation below can be checked by hand: the CUDA build's
@@ -205,14 +207,7 @@ def test_gefl_probe_on_a_board_too_small_for_any_tier(tmp_path):
 
 
 def test_a_simulated_device_mix_picks_tiers_and_counts_stragglers(tmp_path):
-    devices = tmp_path / "mix.yaml"
-    devices.write_text(yaml.safe_dump({
-        # 1000 samples per round: fast trains any tier in well under a second, slow needs 20 s on any.
-        "profiles": {"fast": {"memory_available_mb": 8000, "train_samples_per_s": 20000},
-                     "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
-        "policy": {"deadline_s": 1.0},
-        "mix": {"fast": 2, "slow": 1},
-    }))
+    devices = fast_slow_mix(tmp_path / "mix.yaml")
     summary = simulate({"algorithm": "fedavg", "tiers": ["cnn3c", "cnn5"], "rounds": 2, "devices": str(devices),
                         "partition": {"samples_per_client": 500}, "train": {"local_epochs": 2},
                         "eval": {"every": 1}}, out=tmp_path / "run")

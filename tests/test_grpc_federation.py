@@ -19,7 +19,7 @@ from gefl.config import config_from_dict
 from gefl.image_folder import write_split
 from gefl.protocol.wire import arrays_digest, decode_arrays
 
-from netutil import SHORT, TOKEN, LogLines, Process, free_port, read_metrics, wait_for
+from netutil import SHORT, TOKEN, LogLines, Process, fast_slow_mix, free_port, read_metrics, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,7 @@ def test_simulate_over_grpc_computes_what_the_in_process_simulation_computes(tmp
 def test_the_simulated_device_clock_drops_the_same_stragglers_over_grpc(tmp_path):
     """The device clock is the round loop's, not the in-process grid's: a device mix over gRPC picks the
     same tiers, drops the same late results and computes the same rounds as in-process."""
-    import yaml
-
-    mix = tmp_path / "mix.yaml"
-    mix.write_text(yaml.safe_dump({
-        "profiles": {"fast": {"memory_available_mb": 8000, "train_samples_per_s": 20000},
-                     "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
-        "policy": {"deadline_s": 1.0}, "mix": {"fast": 2, "slow": 1}}))
+    mix = fast_slow_mix(tmp_path / "mix.yaml")
     cfg = {**SHORT, "algorithm": "fedavg", "tiers": ["cnn2", "cnn3"], "rounds": 2, "devices": str(mix)}
     local = simulate(cfg, out=tmp_path / "local")
     from gefl.aggregator.local_federation import simulate_over_network

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from gefl import simulate
 from gefl.data import FASHION_CLASSES, load_raw, register_dataset
@@ -30,6 +29,8 @@ from gefl.report import (
     write_report,
 )
 from gefl.samples import GAP, LABEL_WIDTH
+
+from netutil import fast_slow_mix
 
 SLICE = "fashion-mnist-slice"
 """The real Fashion-MNIST, its first 2,000 training and 1,000 test images: a run evaluates on 1,000
@@ -71,11 +72,7 @@ def fedavg_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def devices_run(tmp_path_factory) -> Path:
-    mix = tmp_path_factory.mktemp("mix") / "mix.yaml"
-    mix.write_text(yaml.safe_dump({
-        "profiles": {"fast": {"memory_available_mb": 8000, "train_samples_per_s": 20000},
-                     "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
-        "policy": {"deadline_s": 1.0}, "mix": {"fast": 2, "slow": 1}}))
+    mix = fast_slow_mix(tmp_path_factory.mktemp("mix") / "mix.yaml")
     return _simulate(tmp_path_factory, "devices", {**SHORT, "algorithm": "fedavg", "tiers": ["cnn3c", "cnn5"],
                                                    "devices": str(mix)})
 

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from netutil import fast_slow_mix
+
 GEFL_F = {
     "algorithm": "gefl-f", "num_clients": 4, "tiers": ["cnn3", "cnn4"], "rounds": 2,
     "partition": {"kind": "iid", "samples_per_client": 300}, "train": {"local_epochs": 1}, "eval": {"every": 1},
@@ -61,11 +63,7 @@ def test_a_killed_simulation_resumes_to_the_uninterrupted_result(tmp_path, kind)
     cfg = dict(GEFL_F)
     kill_at = 3  # in the generator phase
     if kind == "devices":
-        mix = tmp_path / "mix.yaml"
-        mix.write_text(yaml.safe_dump({
-            "profiles": {"fast": {"memory_available_mb": 8000, "train_samples_per_s": 20000},
-                         "slow": {"memory_available_mb": 8000, "train_samples_per_s": 50}},
-            "policy": {"deadline_s": 1.0}, "mix": {"fast": 2, "slow": 1}}))
+        mix = fast_slow_mix(tmp_path / "mix.yaml")
         cfg = {**cfg, "algorithm": "fedavg", "tiers": ["cnn3c", "cnn5"], "rounds": 5, "devices": str(mix)}
         kill_at = 2
     config = tmp_path / "config.yaml"
