@@ -22,7 +22,7 @@ from gefl.aggregator.grpc_server import SERVICE, TlsFiles, start_server
 
 from gefl.algorithms import make_algorithm
 from gefl.config import Config
-from gefl.data import Split, load_dataset
+from gefl.data import evaluation_split, load_dataset
 from gefl.errors import GeflError
 from gefl.protocol import check_plaintext
 from gefl.protocol.mqtt import BrokerUrl, MqttAuth
@@ -68,11 +68,11 @@ def build_coordinator(cfg: Config, state_dir: Path, token: str | None,
     resumed from its checkpoint if it has one. `devices`: a simulated device clock (`gefl simulate
     --devices --transport ...`), never on a real federation's aggregator."""
     run = RunDir.resume_or_create(state_dir, cfg)
-    dataset = load_dataset(cfg.dataset, cfg.data_dir)  # the test set, for evaluation
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)  # what the global models are evaluated on
     extras = {"transport": "network"}
     algorithm = make_algorithm(cfg)
-    evaluator = LocalExecutor(WorkerContext(algorithm, {}, Split(dataset.test.images, dataset.test.labels),
-                                            dataset.num_classes, cfg.eval.batch_size))
+    evaluator = LocalExecutor(WorkerContext(algorithm, {}, evaluation_split(cfg, dataset), dataset.num_classes,
+                                            cfg.eval.batch_size))
     logic = TrainingLogic(cfg, dataset, run, evaluator=evaluator, algorithm=algorithm, extras=lambda: {
         **extras, **({"devices": devices.summary()} if devices is not None else {})})
     settings = settings_for(cfg)

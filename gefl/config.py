@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from gefl.algorithms import ALGORITHMS, generated_shape, generator_level
-from gefl.data import PARTITIONS, list_datasets
+from gefl.data import EVAL_SPLITS, PARTITIONS, list_datasets
 from gefl.errors import GeflError, unknown_name
 from gefl.generators import build_generator, generator_options, list_generators
 from gefl.schema import (
@@ -144,12 +144,15 @@ def validate(cfg: Config) -> Config:
         raise GeflError(f"config key 'gefl.generator.wire_dtype' must be float16 or float32, got {gen.wire_dtype!r}")
     if len(gen.betas) != 2 or not all(0 <= b < 1 for b in gen.betas):
         raise GeflError(f"config key 'gefl.generator.betas' must be two numbers in [0, 1), got {gen.betas}")
+    if cfg.eval.split not in EVAL_SPLITS:
+        raise unknown_name("eval.split", cfg.eval.split, EVAL_SPLITS)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise GeflError(f"config key 'device' must be auto, cpu or cuda, got {cfg.device!r}")
     for key, value in [
         ("num_clients", cfg.num_clients), ("rounds", cfg.rounds), ("train.lr", cfg.train.lr),
         ("train.batch_size", cfg.train.batch_size), ("train.local_epochs", cfg.train.local_epochs),
         ("eval.every", cfg.eval.every), ("eval.batch_size", cfg.eval.batch_size),
+        ("eval.validation_size", cfg.eval.validation_size),
         ("partition.alpha", cfg.partition.alpha), ("network.round_timeout", cfg.network.round_timeout),
         ("network.heartbeat_interval", cfg.network.heartbeat_interval),
         ("network.heartbeat_timeout", cfg.network.heartbeat_timeout),

@@ -89,6 +89,11 @@ class EvalConfig:
     every: int = 10
     """Evaluate at round 1 of each training phase, every k-th round, and the phase's last."""
     batch_size: int = 1000
+    split: str = "test"
+    """What the accuracies are measured on: "test", the dataset's test set (the figures a run
+    reports), or "validation", `validation_size` training images that no client holds, for
+    choosing designs and hyper-parameters without looking at the test set."""
+    validation_size: int = 10000
 
 
 @dataclass

@@ -26,6 +26,7 @@ from gefl.generators import (
     list_generators,
 )
 from gefl.protocol.wire import decode_state
+from gefl.rounds.checkpoint import restore_global_state, state_arrays
 from gefl.rounds.rundir import RunDir, load_generator
 from gefl.tiers.models import count_parameters
 
@@ -505,6 +506,51 @@ def test_class_prior_statistics_add_up_to_the_pooled_data_over_clients(component
     assert merged["stats.count"].sum(1).tolist() == pytest.approx([22.0, 21.0, 21.0] + [0.0] * 7)
     for key in ("stats.count", "stats.sum", "stats.moment"):
         assert torch.allclose(merged[key], pooled[key], atol=1e-4), key
+
+
+def test_class_prior_under_partial_participation_keeps_every_client_that_has_reported():
+    """With a fraction of the clients per round, the global statistics are the sum of each
+    client's latest: a client that reports again replaces its own, and one that sat the round
+    out still counts. They survive a checkpoint, which refuses them for another generator."""
+    torch.manual_seed(0)
+    gen = _cvae_f_class_prior(2)
+    x, _ = _real_batch("cvae-f", 60)
+    y = torch.arange(60) % 3
+    received = {k: v.clone() for k, v in gen.state_dict().items()}
+
+    def summary_of(part: slice) -> dict[str, torch.Tensor]:
+        gen.load_state_dict(received)
+        gen.summarise(x[part], y[part])
+        return {k: v.clone() for k, v in gen.state_dict().items()}
+
+    algorithm = make_algorithm(config_from_dict({"algorithm": "gefl-f", "client_fraction": 0.5, "gefl": {
+        "generator": {"preset": "small", "options": {"prior": "class", "prior_components": 2}}}}))
+    c0, c1, c1_again = summary_of(slice(0, 20)), summary_of(slice(20, 40)), summary_of(slice(40, 60))
+
+    def result(client: int, state: dict) -> ClientResult:
+        return ClientResult(client, "cnn3", GENERATOR, algorithm.encode_generator(state), 20, 0.0)
+
+    first = algorithm.aggregate(GENERATOR, GlobalState({}, received), [result(0, c0), result(1, c1)])
+    second = algorithm.aggregate(GENERATOR, first, [result(1, c1_again)])  # client 0 sits this round out
+    assert sorted(second.client_stats) == [0, 1]
+    for key in ("stats.count", "stats.sum", "stats.moment"):
+        assert torch.allclose(second.generator[key], c0[key] + c1_again[key], atol=1e-5), key
+    assert second.generator["stats.count"].sum().item() == pytest.approx(40.0)  # not 20 (round), not 60 (stale)
+
+    template = GlobalState({}, received)
+    restored = restore_global_state(state_arrays(second), algorithm, template, 1, CLASSES)
+    assert sorted(restored.client_stats) == [0, 1]
+    assert all(torch.equal(restored.client_stats[c][k], second.client_stats[c][k])
+               for c in (0, 1) for k in second.client_stats[c])
+    other = make_algorithm(config_from_dict({"algorithm": "gefl-f", "gefl": {"generator": {
+        "preset": "small", "options": {"prior": "class", "prior_components": 3}}}}))
+    arrays = state_arrays(GlobalState({}, None, second.client_stats))
+    with pytest.raises(GeflError, match="statistics but no generator"):
+        restore_global_state(arrays, other, template, 1, CLASSES)
+    arrays = {**state_arrays(second), **{f"generator/{k}": v.numpy() for k, v in
+                                        other.new_generator(1, CLASSES).state_dict().items()}}
+    with pytest.raises(GeflError, match="statistics of client 0 do not match"):
+        restore_global_state(arrays, other, template, 1, CLASSES)
 
 
 def test_class_prior_one_gaussian_per_class_and_the_standard_prior_for_an_unseen_class():

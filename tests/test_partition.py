@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from gefl.data import partition
+from gefl.config import config_from_dict
+from gefl.data import client_indices, partition, validation_indices
 from gefl.errors import GeflError
 
 LABELS = np.repeat(np.arange(10), 1000)  # 10 000 samples, 1 000 per class
@@ -49,3 +50,21 @@ def test_partition_errors_name_the_problem():
         partition(LABELS, 10, "zipf")
     with pytest.raises(GeflError, match="alpha"):
         partition(LABELS, 10, "dirichlet", alpha=0)
+
+
+def test_the_validation_split_is_drawn_from_images_no_client_holds():
+    cfg = config_from_dict({"num_clients": 10, "partition": {"samples_per_client": 600},
+                            "eval": {"split": "validation", "validation_size": 3000}})
+    labels = np.repeat(np.arange(10), 6000)
+    held = validation_indices(cfg, labels)
+    assert len(held) == len(set(held.tolist())) == 3000
+    assert not set(held.tolist()) & set(np.concatenate(client_indices(cfg, labels)).tolist())
+    assert np.array_equal(held, validation_indices(cfg, labels))  # the seed fixes it
+    too_many = config_from_dict({"num_clients": 10, "eval": {"validation_size": 54001}})
+    with pytest.raises(GeflError, match="only 54000 training images belong to no client"):
+        validation_indices(too_many, labels)
+
+
+def test_an_unknown_eval_split_names_the_valid_ones():
+    with pytest.raises(GeflError, match="test, validation"):
+        config_from_dict({"eval": {"split": "train"}})

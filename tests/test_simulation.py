@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from gefl import simulate
 from gefl.algorithms.training import accuracy
-from gefl.data import load_dataset
+from gefl.config import config_from_dict
+from gefl.data import load_dataset, validation_indices
 from gefl.protocol.wire import encode_state
 from gefl.tiers.models import get_model
 
@@ -77,23 +78,48 @@ def test_gefl_f_runs_all_three_phases_with_a_frozen_shared_fe(tmp_path):
     assert all(m["bytes"]["down"]["model"] > 0 for m in metrics)
 
 
-def test_gefl_f_class_prior_counts_every_clients_samples(tmp_path):
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_gefl_f_class_prior_counts_every_clients_samples(tmp_path, fraction):
     """The class prior's statistics are summed over the clients, so after the generator rounds
-    the global generator has counted each class once per sample the federation holds, split
-    over the mixture's components."""
+    the global generator has counted each class once per sample of every client that has taken
+    part, split over the mixture's components; with half the clients per round, that is every
+    client of any generator round, not only the last round's."""
     cfg = {
-        **BASE, "num_clients": 2, "tiers": ["cnn3"], "algorithm": "gefl-f", "rounds": 1, "train": {"local_epochs": 1},
-        "gefl": {"warmup_rounds": 1, "generator_rounds": 2,
+        **BASE, "tiers": ["cnn3"], "algorithm": "gefl-f", "rounds": 1, "train": {"local_epochs": 1},
+        "client_fraction": fraction,
+        "gefl": {"warmup_rounds": 1, "generator_rounds": 3,
                  "generator": {"local_epochs": 1, "options": {"prior": "class", "prior_components": 3,
                                                                 "temperature": 1.5}}},
     }
     summary = simulate(cfg, out=tmp_path / "run")
     gen = load_file(tmp_path / "run" / "weights" / "generator.safetensors")
     clients = json.loads((tmp_path / "run" / "partition.json").read_text())
-    histogram = torch.tensor([c["label_histogram"] for c in clients], dtype=torch.float32).sum(0)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [set(m["participants"]) for m in metrics if m["phase"] == "generator"]
+    taken_part = set().union(*rounds)
+    if fraction < 1.0:  # the seed gives rounds of different pairs, so the last one is not everyone
+        assert all(len(r) == 2 for r in rounds) and len(taken_part) > 2
+    histogram = torch.tensor([c["label_histogram"] for c in clients if c["client"] in taken_part],
+                             dtype=torch.float32).sum(0)
     assert gen["stats.count"].shape == (10, 3)
     assert torch.allclose(gen["stats.count"].sum(1), histogram, atol=1e-3)
     assert summary["mean_best_acc"] > 50.0, summary
+
+
+def test_accuracy_on_the_validation_split_is_that_of_the_saved_weights(tmp_path):
+    """`eval.split: validation` scores the models on training images no client holds, and says so."""
+    cfg = {**BASE, "algorithm": "fedavg", "rounds": 1, "train": {"local_epochs": 1},
+           "eval": {"every": 1, "split": "validation", "validation_size": 2000}}
+    summary = simulate(cfg, out=tmp_path / "run")
+    assert summary["eval_split"] == "validation"
+    dataset = load_dataset("fashion-mnist")
+    held = validation_indices(config_from_dict(cfg), dataset.train.labels.numpy())
+    validation = dataset.train.subset(held)
+    model = get_model("cnn4")
+    model.load_state_dict(load_file(tmp_path / "run" / "weights" / "cnn4.safetensors"))
+    final = summary["tiers"]["cnn4"]["final_acc"]
+    assert accuracy(model, validation.images, validation.labels) == pytest.approx(final)
+    assert accuracy(model, dataset.test.images, dataset.test.labels) != pytest.approx(final)
 
 
 def test_fedprox_and_lg_fedavg_run(tmp_path):

@@ -10,7 +10,7 @@ restart at any time and a simulated client can run in any worker.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -41,6 +41,10 @@ class GlobalState:
     models: dict[str, StateDict]
     """Each tier's whole network (FE + head) as a state dict."""
     generator: StateDict | None = None
+    client_stats: dict[int, StateDict] = field(default_factory=dict)
+    """Each client's latest generator statistics (its `stats.` entries), kept by the aggregator
+    and never sent: the global statistics are their sum, so a class prior under partial
+    participation reflects every client that has taken part, not only the last round's."""
 
 
 class Algorithm:
@@ -114,7 +118,7 @@ class Algorithm:
 
     def aggregate(self, phase: str, state: GlobalState, results: list[ClientResult]) -> GlobalState:
         new = per_architecture(self._updates(results), self.cfg.aggregation.weighted)
-        return GlobalState({**state.models, **new}, state.generator)
+        return replace(state, models={**state.models, **new})
 
 
 class FedAvg(Algorithm):
@@ -231,7 +235,7 @@ class LGFedAvg(Algorithm):
         shared = {k: v for k, v in next(iter(new.values())).items() if k.startswith("fe.")}
         models = {t: {**s, **shared} for t, s in state.models.items()}
         models.update(new)
-        return GlobalState(models, state.generator)
+        return replace(state, models=models)
 
 
 def generated_shape(level: str, in_channels: int) -> tuple[int, int, int]:
@@ -257,7 +261,7 @@ class GeneratorAlgorithm(LGFedAvg):
         """The generator is created when its phase begins (GeFL-F: its input is the frozen FE's output)."""
         if phase == GENERATOR and state.generator is None:
             torch.manual_seed(self.cfg.seed + 1)
-            return GlobalState(state.models, self.new_generator(_in_channels(state), num_classes).state_dict())
+            return replace(state, generator=self.new_generator(_in_channels(state), num_classes).state_dict())
         return state
 
     # -- the generator on the wire -----------------------------------------------------------
@@ -344,9 +348,16 @@ class GeneratorAlgorithm(LGFedAvg):
             weights = [r.num_samples for r in results] if self.cfg.aggregation.weighted else None
             states = [self.decode_generator(r.state) for r in results]
             merged = fedavg(states, weights)
-            for key in (k for k in merged if k.startswith(STATS_PREFIX)):  # statistics add up, weights average
-                merged[key] = torch.stack([s[key] for s in states]).sum(0)
-            return GlobalState(state.models, merged)
+            keys = [k for k in merged if k.startswith(STATS_PREFIX)]
+            if not keys:
+                return replace(state, generator=merged)
+            # Statistics add up, weights average. Each client's latest statistics replace its
+            # earlier ones, and the sum runs over every client that has reported (in client order,
+            # so that it does not depend on the order results arrived in).
+            latest = {**state.client_stats, **{r.client_id: {k: s[k] for k in keys} for r, s in zip(results, states)}}
+            for key in keys:
+                merged[key] = torch.stack([latest[c][key] for c in sorted(latest)]).sum(0)
+            return replace(state, generator=merged, client_stats=latest)
         return super().aggregate(phase, state, results)
 
 

@@ -381,6 +381,32 @@ def client_indices(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
                      shards_per_client=p.shards_per_client, seed=cfg.seed)
 
 
+EVAL_SPLITS = ("test", "validation")
+VALIDATION_STREAM = 0x5EED
+"""Added to the run's seed for the validation draw, so that it is not FedDF's public draw."""
+
+
+def validation_indices(cfg: Config, labels: np.ndarray) -> np.ndarray:
+    """The validation set, as indices into the training set: `eval.validation_size` images
+    drawn with the run's seed from those no client holds, so that choices made on it never see
+    the test set and never score a model on its own training data."""
+    pool = np.setdiff1d(np.arange(len(labels)), np.concatenate(client_indices(cfg, labels)))
+    size = cfg.eval.validation_size
+    if len(pool) < size:
+        raise GeflError(f"eval.validation_size is {size}, but only {len(pool)} training images belong to no "
+                        "client; lower eval.validation_size or partition.samples_per_client")
+    return np.sort(np.random.default_rng(cfg.seed + VALIDATION_STREAM).choice(pool, size, replace=False))
+
+
+def evaluation_split(cfg: Config, dataset: Dataset) -> Split:
+    """What a run's accuracies are measured on (`eval.split`): the test set, or `validation_indices`."""
+    if cfg.eval.split == "test":
+        return dataset.test
+    if cfg.eval.split == "validation":
+        return dataset.train.subset(validation_indices(cfg, dataset.train.labels.numpy()))
+    raise unknown_name("eval.split", cfg.eval.split, EVAL_SPLITS)
+
+
 def public_indices(cfg: Config, dataset: Dataset) -> np.ndarray:
     """FedDF's unlabelled public set, as indices into `dataset.train`: `feddf.public_size` images
     drawn with the run's seed, from those no client holds when `dataset` is the federation's own."""

@@ -2,9 +2,9 @@
 
 One file format for every driver: `gefl simulate` writes it into the run directory, `gefl
 aggregator serve` into its state directory (which is a run directory). The tensors are the global
-state (every tier's network, and the generator); the metadata is JSON the driver fills (rounds
-completed, scores, the aggregator's client registry), sealed by a digest over both, so a bit flip
-or an edit is refused rather than resumed from.
+state (every tier's network, the generator, and each client's latest generator statistics); the
+metadata is JSON the driver fills (rounds completed, scores, the aggregator's client registry),
+sealed by a digest over both, so a bit flip or an edit is refused rather than resumed from.
 """
 
 from __future__ import annotations
@@ -42,32 +42,43 @@ def nonfinite_arrays(arrays: dict[str, np.ndarray]) -> list[str]:
     return sorted(k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all())
 
 
-def state_arrays(models: dict[str, dict[str, torch.Tensor]],
-                 generator: dict[str, torch.Tensor] | None) -> dict[str, np.ndarray]:
-    """The global state as named arrays: model/<tier>/<key> and generator/<key>."""
-    arrays = {f"model/{t}/{k}": v.numpy() for t, sd in models.items() for k, v in sd.items()}
-    if generator is not None:
-        arrays.update({f"generator/{k}": v.numpy() for k, v in generator.items()})
+def state_arrays(state: GlobalState) -> dict[str, np.ndarray]:
+    """The global state as named arrays: model/<tier>/<key>, generator/<key> and
+    client_stats/<client>/<key>."""
+    arrays = {f"model/{t}/{k}": v.numpy() for t, sd in state.models.items() for k, v in sd.items()}
+    if state.generator is not None:
+        arrays.update({f"generator/{k}": v.numpy() for k, v in state.generator.items()})
+    arrays.update({f"client_stats/{c}/{k}": v.numpy() for c, sd in state.client_stats.items() for k, v in sd.items()})
     return arrays
 
 
-def split_state_arrays(arrays: dict[str, np.ndarray], tiers: list[str]
-                       ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def split_state_arrays(arrays: dict[str, np.ndarray], tiers: list[str]) -> GlobalState:
     """The inverse of `state_arrays`; a tier the run does not offer is refused by name."""
     import torch
 
+    from gefl.algorithms import GlobalState
+
     models: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tiers}
     generator: dict[str, torch.Tensor] = {}
+    client_stats: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in arrays.items():
         kind, _, rest = key.partition("/")
         if kind == "generator":
             generator[rest] = torch.from_numpy(value)
-        else:
+        elif kind == "client_stats":
+            client, _, name = rest.partition("/")
+            if not client.isdigit():
+                raise GeflError(f"the checkpoint's entry {key!r} names no client id")
+            client_stats.setdefault(int(client), {})[name] = torch.from_numpy(value)
+        elif kind == "model":
             tier, _, name = rest.partition("/")
             if tier not in models:
                 raise GeflError(f"the checkpoint holds tier {tier!r}, which this config does not offer")
             models[tier][name] = torch.from_numpy(value)
-    return models, generator
+        else:
+            raise GeflError(f"the checkpoint holds an entry {key!r} of no known kind (model/, generator/, "
+                            "client_stats/)")
+    return GlobalState(models, generator or None, client_stats)
 
 
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -118,10 +129,11 @@ def restore_global_state(arrays: dict[str, np.ndarray], algorithm: Algorithm, te
     """The global state a checkpoint holds, checked against the run's own (`template`, as the
     config builds it): the same tiers with the same tensors, and a generator only where the
     algorithm has one, of the configured family and size."""
-    from gefl.algorithms import GeneratorAlgorithm, GlobalState
-    from gefl.generators import check_generator_state
+    from gefl.algorithms import GeneratorAlgorithm
+    from gefl.generators import STATS_PREFIX, check_generator_state
 
-    models, generator = split_state_arrays(arrays, list(template.models))
+    state = split_state_arrays(arrays, list(template.models))
+    models, generator = state.models, state.generator or {}
     for tier, sd in models.items():
         if sd.keys() != template.models[tier].keys():
             raise GeflError(f"the checkpoint's {tier} weights do not match the model: was the config changed?")
@@ -130,4 +142,12 @@ def restore_global_state(arrays: dict[str, np.ndarray], algorithm: Algorithm, te
             raise GeflError(f"the checkpoint holds a generator, but {algorithm.name} has none: was the config changed?")
         check_generator_state(algorithm.new_generator(in_channels, num_classes), generator,
                               "the checkpoint's generator")
-    return GlobalState(models, generator or None)
+    if state.client_stats and not generator:
+        raise GeflError("the checkpoint holds clients' generator statistics but no generator: was it edited?")
+    stats = {k: v for k, v in algorithm.new_generator(in_channels, num_classes).state_dict().items()
+             if k.startswith(STATS_PREFIX)} if state.client_stats else {}
+    for client, sd in state.client_stats.items():
+        if sd.keys() != stats.keys() or any(tuple(sd[k].shape) != tuple(v.shape) for k, v in stats.items()):
+            raise GeflError(f"the checkpoint's generator statistics of client {client} do not match the "
+                            "configured generator's: was the config changed?")
+    return state

@@ -111,7 +111,7 @@ class TrainingLogic:
         self.run.append_metrics(record)
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
-        arrays = state_arrays(self.state.models, self.state.generator)
+        arrays = state_arrays(self.state)
         return arrays, {"scores": self.scores.to_dict(), "used_tiers": self.used_tiers}
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict, completed: int) -> None:
@@ -127,7 +127,7 @@ class TrainingLogic:
         self.scores.tiers = tiers
         rounds = sum(p.rounds for p in self.phases())
         return {**self.scores.summary(self.cfg, rounds, wall_s, {t: self.params[t] for t in tiers},
-                                      str(self.run.path)), **self.extras()}
+                                      str(self.run.path)), "eval_split": self.cfg.eval.split, **self.extras()}
 
     def finish(self, clients: list[dict], wall_s: float) -> None:
         summary = self.summary(wall_s)

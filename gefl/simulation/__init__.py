@@ -17,7 +17,7 @@ import torch
 
 from gefl.algorithms import ClientTask, make_algorithm
 from gefl.config import Config, config_from_dict, load_config
-from gefl.data import Dataset, Split, client_indices, label_histogram, load_dataset
+from gefl.data import Dataset, Split, client_indices, evaluation_split, label_histogram, load_dataset
 from gefl.errors import GeflError
 from gefl.rounds.checkpoint import CHECKPOINT
 from gefl.rounds.loop import Accept, Delivery, RoundLoop, RoundPlan, observers_for
@@ -78,7 +78,8 @@ def simulate(
         cfg = dataclasses.replace(cfg, num_clients=len(devices.clients))
     tier_of = devices.tier_of if devices is not None else cfg.tier_of
     clients = _split_clients(cfg, dataset, device)
-    test = Split(dataset.test.images.to(device), dataset.test.labels.to(device))
+    scored = evaluation_split(cfg, dataset)
+    test = Split(scored.images.to(device), scored.labels.to(device))
     tiers = list(dict.fromkeys(tier_of(c) for c in range(cfg.num_clients)))
     run = RunDir.create(out, cfg) if resume is None else RunDir.resume_or_create(resume, cfg)
     partition = [

@@ -1,0 +1,225 @@
+"""The paper's scalability setting on this machine: 10, 50 and 100 clients over the same 6000 images.
+
+The paper (GeFL, its scalability figure) splits the same 6000 Fashion-MNIST training images IID
+over N clients (600, 120 or 60 each), ten architectures with N/10 clients each, the schedules of
+the 10-client setting. Each row here is one of the paper configs (configs/paper/) with
+`num_clients` and `partition.samples_per_client` set for N; the rows beyond the paper's are
+partial participation (`client_fraction` 0.1) and Dirichlet(0.3) label skew at 100 clients.
+
+Client i trains tiers[i % 10]; the paper's reference gives client i architecture i // (N/10).
+Both give each architecture N/10 clients, and under these splits (IID, or Dirichlet proportions
+drawn independently per client) which clients they are changes nothing in distribution.
+
+Every run has its own directory under --runs-dir, named by row and seed, and checkpoints after
+every round: a benchmark stopped at any point goes on where it stopped when run again with the
+same arguments (a finished run is read back, a cut-short one resumed from its checkpoint). The
+results (benchmarks/results/scale_fmnist.{json,md}) are rewritten after every run.
+
+    python benchmarks/scale_fmnist.py                              # every row, seeds 0 1 2
+    python benchmarks/scale_fmnist.py --rows gefl-f-light-100 --seeds 0
+    python benchmarks/scale_fmnist.py --rows gefl-f-light-10 --set eval.split=validation --out /tmp/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gefl.config import load_config
+from gefl.rounds.checkpoint import CHECKPOINT
+from gefl.simulation import simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_fmnist import traffic  # noqa: E402  (a sibling script, not a package)
+
+POOL = 6000
+"""Training images shared out at every scale (the paper's 10 x 600)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    config: str
+    """configs/paper/fmnist-<config>.yaml, or configs/noniid/fmnist-dir0.3-<config>.yaml with `noniid`."""
+    clients: int
+    overrides: list[str] = field(default_factory=list)
+    noniid: bool = False
+    note: str = ""
+
+    def path(self) -> Path:
+        if self.noniid:
+            return ROOT / "configs" / "noniid" / f"fmnist-dir0.3-{self.config}.yaml"
+        return ROOT / "configs" / "paper" / f"fmnist-{self.config}.yaml"
+
+    def settings(self) -> list[str]:
+        return [f"num_clients={self.clients}", f"partition.samples_per_client={POOL // self.clients}",
+                *self.overrides]
+
+
+ROWS = {
+    **{f"{c}-{n}": Row(c, n) for n in (10, 50, 100) for c in ("fedavg", "gefl-f-light")},
+    **{f"{c}-100-fraction0.1": Row(c, 100, ["client_fraction=0.1"], note="10 of the 100 clients per round")
+       for c in ("fedavg", "gefl-f-light")},
+    **{f"{c}-100-dir0.3": Row(c, 100, noniid=True, note="Dirichlet(0.3) label skew")
+       for c in ("fedavg", "gefl-f-light")},
+}
+PAPER = {
+    # The paper's scalability figure, FMNIST, mean best accuracy (its best row at each scale is DDPM-F,
+    # except at 100 clients: CVAE-F).
+    10: {"DCGAN": 83.11, "CVAE": 82.56, "DDPM w=0": 82.43, "DCGAN-F": 82.62, "CVAE-F": 83.14, "DDPM-F w=0": 84.28},
+    50: {"DCGAN": 81.28, "CVAE": 80.24, "DDPM w=0": 81.51, "DCGAN-F": 81.29, "CVAE-F": 82.21, "DDPM-F w=0": 82.96},
+    100: {"DCGAN": 80.50, "CVAE": 79.83, "DDPM w=0": 79.29, "DCGAN-F": 80.71, "CVAE-F": 81.65, "DDPM-F w=0": 80.95},
+}
+
+
+def run_once(name: str, row: Row, seed: int, extra: list[str], runs_dir: Path) -> dict:
+    """One (row, seed): read back if finished, resumed if cut short, else started."""
+    tag = "-" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
+    run_dir = runs_dir / f"{name}-s{seed}{tag}"  # --set values of their own: a directory of their own
+    cfg = load_config(row.path(), [*row.settings(), *extra, f"seed={seed}"])
+    if (run_dir / "summary.json").is_file():
+        print(f"== {name} seed {seed}: finished before, read back from {run_dir}", flush=True)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif (run_dir / CHECKPOINT).is_file():
+        print(f"== {name} seed {seed}: resumed from {run_dir}", flush=True)
+        summary = simulate(cfg, resume=run_dir)
+    else:
+        print(f"== {name} seed {seed}", flush=True)
+        summary = simulate(cfg, out=run_dir)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "seed": seed,
+        "num_clients": row.clients,
+        "eval_split": summary.get("eval_split", "test"),
+        **{k: summary[k] for k in ("mean_best_acc", "mean_final_acc", "wall_time_s", "tiers")},
+        "participants_per_round": statistics.median(len(r.get("participants", [])) for r in rounds)
+        if all("participants" in r for r in rounds) else None,
+        **traffic(run_dir),
+    }
+
+
+def _summary(runs: list[dict]) -> dict:
+    best = [r["mean_best_acc"] for r in runs]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "mean_best_acc": statistics.mean(best),
+        "median_best_acc": statistics.median(best),
+        "std_best_acc": statistics.stdev(best) if len(best) > 1 else 0.0,
+        "mean_final_acc": statistics.mean(r["mean_final_acc"] for r in runs),
+        "median_wall_time_s": statistics.median(r["wall_time_s"] for r in runs),
+        **{k: runs[0][k] for k in ("bytes_down_per_round", "bytes_up_per_round", "generator_bytes_down",
+                                   "generator_bytes_up")},
+    }
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}"
+
+
+def write_results(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    split = {r["eval_split"] for entry in results["rows"].values() for r in entry["runs"]}
+    on = "validation" if split == {"validation"} else "test"
+    lines = [
+        "# Fashion-MNIST at 10, 50 and 100 clients (the paper's scalability setting)",
+        "",
+        f"Measured {results['date']} on {results['machine']}; `{results['command']}`.",
+        f"The same {POOL} training images split over N clients (IID unless the row says otherwise), ten "
+        f"architectures with N/10 clients each, the paper configs' schedules. Accuracy: per tier the best "
+        f"{on} accuracy over the evaluations (round 1, every 10th, last), mean over the ten tiers, then over "
+        "seeds (median beside it). Bytes: per client per round, mean over all rounds, every artifact; "
+        "generator payload: per client per direction in a generator round, as it travels. Wall time: the "
+        "whole schedule, median over seeds.",
+        "",
+        "| row | clients | seeds | mean best acc % | median | std | mean final acc % | generator payload MB "
+        "(down / up) | MB per client per round (down / up) | wall time s | paper's best % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results["rows"].items():
+        s, n = entry["summary"], entry["num_clients"]
+        payload = "-" if s["generator_bytes_up"] is None else \
+            f"{_mb(s['generator_bytes_down'])} / {_mb(s['generator_bytes_up'])}"
+        best_name, best = max(PAPER[n].items(), key=lambda kv: kv[1]) if n in PAPER else ("", None)
+        ours = entry["config"].startswith("configs/paper/fmnist-gefl")  # the figure has generator rows only
+        paper = f"{best:.2f} ({best_name})" if best is not None and ours else "-"
+        lines.append(
+            f"| {name} | {n} | {','.join(map(str, s['seeds']))} | {s['mean_best_acc']:.2f} | "
+            f"{s['median_best_acc']:.2f} | {s['std_best_acc']:.2f} | {s['mean_final_acc']:.2f} | {payload} | "
+            f"{_mb(s['bytes_down_per_round'])} / {_mb(s['bytes_up_per_round'])} | "
+            f"{s['median_wall_time_s']:.0f} | {paper} |")
+    lines += ["", "The paper's figure (FMNIST, mean best accuracy over three seeds):", "",
+              "| generator | " + " | ".join(f"{n} clients" for n in PAPER) + " |",
+              "|---|" + "---|" * len(PAPER)]
+    for gen in PAPER[10]:
+        lines.append(f"| {gen} | " + " | ".join(f"{PAPER[n][gen]:.2f}" for n in PAPER) + " |")
+    notes = [f"{name}: {entry['note']}" for name, entry in results["rows"].items() if entry.get("note")]
+    lines += ["", *notes, *results.get("notes", [])]
+    out.with_suffix(".md").write_text("\n".join(lines).rstrip() + "\n")
+
+
+def _print_evaluated_rounds() -> None:
+    """Of gefl's progress lines, those of rounds that were evaluated (they carry accuracies), indented."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("   %(message)s"))
+    handler.addFilter(lambda record: "acc" in record.getMessage())
+    logging.getLogger("gefl").addHandler(handler)
+    logging.getLogger("gefl").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), metavar="ROW",
+                        help=f"rows to run (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run (e.g. eval.split=validation, to choose on validation data)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_fmnist"),
+                        help="results path without suffix (.json and .md are written)")
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "scale"),
+                        help="where each run's directory goes (named by row and seed: rerunning resumes)")
+    args = parser.parse_args(argv)
+    out, runs_dir = Path(args.out), Path(args.runs_dir)
+    names = args.rows or list(ROWS)
+    command = "python benchmarks/scale_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    previous = out.with_suffix(".json")
+    if previous.is_file():  # runs already measured stay; this command adds its own
+        results = json.loads(previous.read_text())
+        if command not in results["command"]:
+            results["command"] += f"; then {command}"
+    else:
+        results = {"command": command, "rows": {}}
+    results.update(date=time.strftime("%Y-%m-%d"),
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    _print_evaluated_rounds()
+    for seed in args.seeds:  # seed-major: a cut-short benchmark still compares rows on equal seeds
+        for name in names:
+            row = ROWS[name]
+            entry = results["rows"].setdefault(name, {"num_clients": row.clients, "note": row.note, "runs": [],
+                                                      "config": " ".join([str(row.path().relative_to(ROOT)),
+                                                                          *(f"--set {v}" for v in row.settings())])})
+            if any(r["seed"] == seed for r in entry["runs"]):
+                continue
+            measured = run_once(name, row, seed, args.set, runs_dir)
+            entry["runs"] = sorted([*entry["runs"], measured], key=lambda r: r["seed"])
+            entry["summary"] = _summary(entry["runs"])
+            write_results(out, results)
+            print(f"   {name} seed {seed}: mean best {measured['mean_best_acc']:.2f}, "
+                  f"final {measured['mean_final_acc']:.2f}, {measured['wall_time_s']:.0f}s", flush=True)
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
