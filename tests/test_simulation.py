@@ -11,7 +11,10 @@ from gefl.algorithms.training import accuracy
 from gefl.config import config_from_dict
 from gefl.data import load_dataset, validation_indices
 from gefl.protocol.wire import encode_state
+from gefl.simulation import executor
 from gefl.tiers.models import get_model
+
+from netutil import LogLines
 
 BASE = {
     "num_clients": 4,
@@ -129,11 +132,24 @@ def test_fedprox_and_lg_fedavg_run(tmp_path):
         assert summary["algorithm"] == algo and summary["mean_best_acc"] > 45.0, summary
 
 
-def test_same_seed_same_result(tmp_path):
-    cfg = {**BASE, "num_clients": 2, "algorithm": "fedavg", "rounds": 1, "train": {"local_epochs": 1}}
+def test_same_seed_same_result_in_worker_processes_or_in_this_one(tmp_path, monkeypatch):
+    """Where forked workers could not train (PyTorch refuses autograd in a child forked after the
+    parent set its engine up), the clients run in this process instead: same results, and a
+    warning that says why."""
+    cfg = {**BASE, "num_clients": 2, "algorithm": "fedavg", "rounds": 1, "train": {"local_epochs": 1}, "workers": 2}
+    assert executor.forked_children_can_train()  # a fresh pytest process: the workers run
     a = simulate(cfg, out=tmp_path / "a")
     b = simulate(cfg, out=tmp_path / "b")
     assert a["tiers"] == b["tiers"]
+    monkeypatch.setattr(executor, "forked_children_can_train", lambda: False)
+    lines = LogLines()
+    try:
+        c = simulate(cfg, out=tmp_path / "c")
+    finally:
+        lines.close()
+    assert c["tiers"] == a["tiers"]
+    assert any("running the clients in this process instead of 2 worker processes" in line for line in lines)
+    assert any("2 clients, " in line and "1 worker(s) on cpu" in line for line in lines)
 
 
 def test_the_same_weights_are_written_as_the_same_bytes(tmp_path):

@@ -88,9 +88,8 @@ def simulate(
          "label_histogram": label_histogram(split.labels.cpu().numpy(), dataset.num_classes)}
         for c, split in clients.items()
     ]
-    workers = cfg.workers or default_workers(cfg.num_clients)
     executor = make_executor(WorkerContext(algorithm, clients, test, dataset.num_classes, cfg.eval.batch_size),
-                             workers, device)
+                             cfg.workers or default_workers(cfg.num_clients), device)
     try:
         logic = TrainingLogic(cfg, dataset, run, tiers=tiers, used=tiers, evaluator=executor, algorithm=algorithm,
                               extras=(lambda: {"devices": devices.summary()}) if devices is not None else None)
@@ -103,7 +102,7 @@ def simulate(
         run.write_json("partition.json", partition)
         log.info(f"gefl simulate: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients, "
             f"{loop.federation.total_rounds} rounds ({', '.join(f'{ph.name} {ph.rounds}' for ph in logic.phases())}), "
-            f"{workers} worker(s) on {device.type} -> {run.path}")
+            f"{executor.workers} worker(s) on {device.type} -> {run.path}")
         sizes = [len(clients[c]) for c in range(cfg.num_clients)]
         if devices is not None:
             classes = devices.summary()["device_classes"]

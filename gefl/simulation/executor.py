@@ -10,11 +10,13 @@ encoded bytes the network transports carry.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -23,6 +25,9 @@ from gefl.algorithms.training import accuracy
 from gefl.data import Split
 from gefl.protocol.wire import decode_state
 from gefl.tiers.models import get_model
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,6 +50,9 @@ class WorkerContext:
 class Executor(Protocol):
     """Where client tasks and evaluations run."""
 
+    workers: int
+    """How many clients train at once."""
+
     def run(self, tasks: list[ClientTask]) -> list[ClientResult]: ...
 
     def evaluate(self, models: dict[str, bytes]) -> dict[str, float]: ...
@@ -53,16 +61,33 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Runs everything in this process, one client after another."""
+    """Runs everything in this process, one client after another.
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    `threads`: PyTorch threads while it does (None: this process's setting). The worker pool's
+    are single-threaded, and the thread count changes the order of floating-point sums: standing
+    in for the pool, one thread gives the pool's results exactly."""
+
+    workers = 1
+
+    def __init__(self, ctx: WorkerContext, threads: int | None = None) -> None:
         self.ctx = ctx
+        self.threads = threads
+
+    def _on_threads(self, work: Callable[[], T]) -> T:
+        if self.threads is None:
+            return work()
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return work()
+        finally:
+            torch.set_num_threads(before)
 
     def run(self, tasks: list[ClientTask]) -> list[ClientResult]:
-        return [self.ctx.run(t) for t in tasks]
+        return self._on_threads(lambda: [self.ctx.run(t) for t in tasks])
 
     def evaluate(self, models: dict[str, bytes]) -> dict[str, float]:
-        return {tier: self.ctx.evaluate(tier, state) for tier, state in models.items()}
+        return self._on_threads(lambda: {tier: self.ctx.evaluate(tier, state) for tier, state in models.items()})
 
     def close(self) -> None:
         pass
@@ -95,6 +120,7 @@ class ProcessExecutor:
     """A fork pool of single-threaded workers; results come back in task order."""
 
     def __init__(self, ctx: WorkerContext, workers: int) -> None:
+        self.workers = workers
         self.pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("fork"),
@@ -118,8 +144,34 @@ def default_workers(num_clients: int) -> int:
     return max(1, min(os.cpu_count() or 1, num_clients))
 
 
+def forked_children_can_train() -> bool:
+    """Whether a process forked from this one can run a backward pass.
+
+    PyTorch refuses autograd in a forked child once the parent's autograd engine has set up its
+    device threads ("Unable to handle autograd's threading in combination with fork-based
+    multiprocessing"); which earlier work in a process does that is PyTorch's business, and a
+    script or notebook that trained something before calling `simulate` may have. Asking a
+    forked child costs a few milliseconds and is the only check that cannot be wrong."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 1
+        try:
+            torch.ones(1, requires_grad=True).sum().backward()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 def make_executor(ctx: WorkerContext, workers: int, device: torch.device) -> Executor:
-    """A pool on CPU when more than one worker is asked for and fork exists; else in-process."""
+    """A pool on CPU when more than one worker is asked for and forked workers can train; else in-process."""
     if workers > 1 and device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessExecutor(ctx, workers)
+        if forked_children_can_train():
+            return ProcessExecutor(ctx, workers)
+        log.warning(f"running the clients in this process instead of {workers} worker processes: PyTorch cannot "
+                    "train in a process forked from this one (its autograd was set up here before, see "
+                    "https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork). The results are the same, only "
+                    "slower; start the simulation in a fresh process (`gefl simulate`) for the workers")
+        return LocalExecutor(ctx, threads=1)
     return LocalExecutor(ctx)
