@@ -9,7 +9,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/gefl simulate
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
