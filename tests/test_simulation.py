@@ -1,9 +1,12 @@
 """Short real federations on the real Fashion-MNIST."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from gefl import simulate
@@ -135,12 +138,16 @@ def test_fedprox_and_lg_fedavg_run(tmp_path):
 def test_same_seed_same_result_in_worker_processes_or_in_this_one(tmp_path, monkeypatch):
     """Where forked workers could not train (PyTorch refuses autograd in a child forked after the
     parent set its engine up), the clients run in this process instead: same results, and a
-    warning that says why."""
+    warning that says why. The pool's run is a fresh `gefl simulate` process, as a user starts it:
+    this test process may already have set autograd up in an earlier test."""
     cfg = {**BASE, "num_clients": 2, "algorithm": "fedavg", "rounds": 1, "train": {"local_epochs": 1}, "workers": 2}
-    assert executor.forked_children_can_train()  # a fresh pytest process: the workers run
-    a = simulate(cfg, out=tmp_path / "a")
-    b = simulate(cfg, out=tmp_path / "b")
-    assert a["tiers"] == b["tiers"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    pool = subprocess.run([sys.executable, "-m", "gefl.cli", "simulate", "--config", str(config),
+                           "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert pool.returncode == 0, pool.stderr
+    assert "2 worker(s) on cpu" in pool.stdout + pool.stderr, pool.stdout + pool.stderr
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
     monkeypatch.setattr(executor, "forked_children_can_train", lambda: False)
     lines = LogLines()
     try:
