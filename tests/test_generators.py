@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gefl.algorithms import GENERATOR, ClientResult, GlobalState, make_algorithm
+from gefl.algorithms import GENERATOR, HEAD, ClientResult, GlobalState, make_algorithm
 from gefl.config import GeneratorConfig, config_from_dict
 from gefl.data import Dataset, Split
 from gefl.errors import GeflError
@@ -536,6 +536,10 @@ def test_class_prior_under_partial_participation_keeps_every_client_that_has_rep
     for key in ("stats.count", "stats.sum", "stats.moment"):
         assert torch.allclose(second.generator[key], c0[key] + c1_again[key], atol=1e-5), key
     assert second.generator["stats.count"].sum().item() == pytest.approx(40.0)  # not 20 (round), not 60 (stale)
+
+    head = algorithm.prepare_round(HEAD, second, CLASSES)  # the phase is over: only the sum is kept
+    assert head.client_stats == {} and head.generator is second.generator
+    assert not any(k.startswith("client_stats/") for k in state_arrays(head))
 
     template = GlobalState({}, received)
     restored = restore_global_state(state_arrays(second), algorithm, template, 1, CLASSES)

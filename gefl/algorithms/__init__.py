@@ -258,10 +258,15 @@ class GeneratorAlgorithm(LGFedAvg):
         return build_generator(g.family, self.generator_shape(in_channels), num_classes, g.preset, g.options)
 
     def prepare_round(self, phase: str, state: GlobalState, num_classes: int) -> GlobalState:
-        """The generator is created when its phase begins (GeFL-F: its input is the frozen FE's output)."""
+        """The generator is created when its phase begins (GeFL-F: its input is the frozen FE's output).
+        Once the phase is over, the per-client statistics are dropped: the generator's `stats.` hold
+        their sum, which is all that later rounds use, and kept they would make every later
+        checkpoint grow with the number of clients (about 80 KB per client)."""
         if phase == GENERATOR and state.generator is None:
             torch.manual_seed(self.cfg.seed + 1)
             return replace(state, generator=self.new_generator(_in_channels(state), num_classes).state_dict())
+        if phase != GENERATOR and state.client_stats:
+            return replace(state, client_stats={})
         return state
 
     # -- the generator on the wire -----------------------------------------------------------
