@@ -119,3 +119,12 @@ def test_a_registered_dataset_is_resized_and_normalised():
     assert ds.train.images.min() >= -1.0 and ds.train.images.max() <= 1.0
     with pytest.raises(GeflError, match="unknown dataset 'nope'.*test-tiny"):
         load_dataset("nope")
+
+
+def test_few_steps_per_epoch_warns_with_a_batch_size_that_gives_enough():
+    """100 clients x 60 images at batch 64: one step per epoch, and the hint's batch size gives four."""
+    warning = data.few_steps_warning([60] * 100, 64)
+    assert warning is not None and "60 images" in warning and "1 step(s)" in warning
+    assert "train.batch_size=15" in warning and data.few_steps_warning([60] * 100, 15) is None
+    assert data.few_steps_warning([600] * 10, 64) is None  # the paper's 10 x 600: nine steps
+    assert data.few_steps_warning([], 64) is None

@@ -446,5 +446,28 @@ def _dirichlet(
     return out
 
 
+FEW_STEPS = 4
+"""Fewer optimizer steps per local epoch than this, for the median client, draws a warning."""
+
+
+def few_steps_warning(sizes: Sequence[int], batch_size: int) -> str | None:
+    """A warning when the median client's data makes fewer than FEW_STEPS batches per local epoch.
+
+    Local training counts epochs, not steps: at 100 clients of 60 images and batch 64 every
+    epoch is a single step, of warm-up, generator and head alike, and a round trains a tenth of
+    what it does at 10 clients of 600 (benchmarks/results/scale_fmnist.md measures it). The run is
+    valid, only slow to learn, so this warns rather than refuses."""
+    if not sizes:
+        return None
+    median = sorted(sizes)[len(sizes) // 2]
+    steps = max(1, median // batch_size)
+    if steps >= FEW_STEPS:
+        return None
+    suggested = max(1, median // FEW_STEPS)
+    return (f"the median client holds {median} images: {steps} step(s) per local epoch at train.batch_size "
+            f"{batch_size}, so each round trains little; a smaller batch (--set train.batch_size={suggested}) "
+            f"gives {FEW_STEPS} or more")
+
+
 def label_histogram(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(np.asarray(labels), minlength=num_classes).tolist()

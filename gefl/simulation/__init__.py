@@ -17,7 +17,7 @@ import torch
 
 from gefl.algorithms import ClientTask, make_algorithm
 from gefl.config import Config, config_from_dict, load_config
-from gefl.data import Dataset, Split, client_indices, evaluation_split, label_histogram, load_dataset
+from gefl.data import Dataset, Split, client_indices, evaluation_split, few_steps_warning, label_histogram, load_dataset
 from gefl.errors import GeflError
 from gefl.rounds.checkpoint import CHECKPOINT
 from gefl.rounds.loop import Accept, Delivery, RoundLoop, RoundPlan, observers_for
@@ -110,6 +110,8 @@ def simulate(
                 f"{name} x{d['clients']} -> {', '.join(d['tiers'])}" for name, d in classes.items()))
         log.info(f"data: {cfg.partition.kind} partition, {sum(sizes)} images, {min(sizes)}-{max(sizes)} per client; "
             f"label histograms in {run.path / 'partition.json'}")
+        if (warning := few_steps_warning(sizes, cfg.train.batch_size)) is not None:
+            log.warning(warning)
         loop.run()
     finally:
         executor.close()
