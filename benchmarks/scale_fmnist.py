@@ -116,8 +116,10 @@ PAPER = {
 
 def run_once(name: str, row: Row, seed: int, extra: list[str], runs_dir: Path) -> dict:
     """One (row, seed): read back if finished, resumed if cut short, else started."""
-    tag = "-" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
-    run_dir = runs_dir / f"{name}-s{seed}{tag}"  # --set values of their own: a directory of their own
+    # Named by what the run is, not only by the row's name: a row whose overrides change, or the same
+    # row under other --set values, gets a directory of its own instead of reading back another run.
+    tag = hashlib.sha1(" ".join([*row.settings(), *extra]).encode()).hexdigest()[:8]
+    run_dir = runs_dir / f"{name}-s{seed}-{tag}"
     cfg = load_config(row.path(), [*row.settings(), *extra, f"seed={seed}"])
     if (run_dir / "summary.json").is_file():
         print(f"== {name} seed {seed}: finished before, read back from {run_dir}", flush=True)
@@ -175,6 +177,8 @@ def write_results(out: Path, results: dict) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["rows"].items():
+        if "summary" not in entry:  # dropped and not measured again yet
+            continue
         s, n = entry["summary"], entry["num_clients"]
         payload = "-" if s["generator_bytes_up"] is None else \
             f"{_mb(s['generator_bytes_down'])} / {_mb(s['generator_bytes_up'])}"
@@ -224,9 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:  # seed-major: a cut-short benchmark still compares rows on equal seeds
         for name in names:
             row = ROWS[name]
-            entry = results["rows"].setdefault(name, {"num_clients": row.clients, "note": row.note, "runs": [],
-                                                      "config": " ".join([str(row.path().relative_to(ROOT)),
-                                                                          *(f"--set {v}" for v in row.settings())])})
+            config = " ".join([str(row.path().relative_to(ROOT)),
+                               *(f"--set {v}" for v in [*row.settings(), *args.set])])
+            entry = results["rows"].setdefault(name, {"config": config, "runs": []})
+            if entry["config"] != config:  # the row is not what was measured under its name: measure it again
+                print(f"== {name}: its settings changed since {len(entry['runs'])} run(s) were measured; "
+                      "those are dropped", flush=True)
+                entry.update(config=config, runs=[])
+                entry.pop("summary", None)
+            entry.update(num_clients=row.clients, note=row.note)
             if any(r["seed"] == seed for r in entry["runs"]):
                 continue
             measured = run_once(name, row, seed, args.set, runs_dir)
