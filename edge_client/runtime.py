@@ -185,7 +185,7 @@ class ClientRuntime:
 
         from gefl.algorithms import make_algorithm
         from gefl.config import config_from_yaml
-        from gefl.data import dataset_classes
+        from gefl.data import dataset_classes, few_steps_warning
         from gefl.image_folder import client_split
 
         if self.options.threads:
@@ -193,6 +193,8 @@ class ClientRuntime:
         cfg = config_from_yaml(reg.config_yaml, f"the aggregator at {self.transport.address}")
         num_classes = len(dataset_classes(cfg.dataset))
         split = client_split(images, labels, classes, num_classes, self.options.data_dir)
+        if (warning := few_steps_warning([len(split)], cfg.train.batch_size)) is not None:
+            log.warning(f"{warning} (the batch size is the aggregator's config)")
         return cfg, split, make_algorithm(cfg), num_classes
 
     def _heartbeats(self) -> None:

@@ -4,6 +4,7 @@ image folder once, however often it registers."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from unittest import mock
 
@@ -29,7 +30,8 @@ def _serve(cfg: dict, state, port: int):
     return coordinator, server, driver
 
 
-def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp_path):
+def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
     shards = tmp_path / "shards"
     write_split("fashion-mnist", 1, shards, samples_per_client=SAMPLES, seed=0)
     port = free_port()
@@ -73,3 +75,5 @@ def test_a_client_takes_the_config_of_the_aggregator_it_registers_with_again(tmp
     phases = [(m["phase"], m["contributors"]) for m in read_metrics(tmp_path / "second")]
     assert ("generator", [0]) in phases, phases  # it trained the generator: it took the new config
     assert len(opened) == SAMPLES, f"{len(opened)} image reads for {SAMPLES} images"
+    # 60 images at the default batch of 64: one step per epoch, which the board is told about
+    assert any("1 step(s) per local epoch" in r.getMessage() for r in caplog.records), caplog.text
