@@ -95,7 +95,8 @@ ROWS = {
     # gave 84.19 (868 s), which these rows use.
     # With 10 of the 100 clients per round a client trains two warm-up rounds in 20, and the frozen
     # feature extractor it leaves is weaker (76.52 validation accuracy after the warm-up against 80.98):
-    # 100 warm-up rounds gave 82.09 mean best against 81.33 with 20 (validation, seed 0).
+    # 100 warm-up rounds gave 82.09 mean best against 81.33 with 20 (validation, seed 0, 50 generator
+    # rounds; the full-participation run of that setting gave 83.46).
     **{f"{c}-b16-{n}{suffix}": Row(c, n, [*SMALL_DATA[c], *extra], noniid=noniid,
                                    note=f"{SMALL_NOTE}{', ' + note if note else ''}")
        for c in ("fedavg", "gefl-f-light") for n in (50, 100)
