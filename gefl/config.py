@@ -28,14 +28,18 @@ from gefl.schema import (
     GeneratorConfig,
     NetworkConfig,
     PartitionConfig,
+    RayConfig,
     TrainConfig,
 )
 from gefl.tiers.models import list_tiers
 
+EXECUTORS = ("local", "ray")
+"""Where `gefl simulate` trains its clients (config key `executor`)."""
+
 __all__ = [
     "AggregationConfig", "Config", "EvalConfig", "FedDFConfig", "GeflConfig", "GeneratorConfig", "NetworkConfig",
-    "PartitionConfig", "TrainConfig", "apply_overrides", "config_from_dict", "config_from_yaml", "load_config",
-    "parse_override", "to_dict", "validate",
+    "PartitionConfig", "RayConfig", "TrainConfig", "apply_overrides", "config_from_dict", "config_from_yaml",
+    "load_config", "parse_override", "to_dict", "validate",
 ]
 """The dataclasses live in gefl.schema (below the registries this module checks names against)."""
 
@@ -181,6 +185,19 @@ def validate(cfg: Config) -> Config:
                         f"({cfg.network.heartbeat_timeout} <= {cfg.network.heartbeat_interval})")
     if cfg.workers is not None and cfg.workers < 1:
         raise GeflError(f"config key 'workers' must be at least 1 (or null for one per core), got {cfg.workers}")
+    if cfg.executor not in EXECUTORS:
+        raise unknown_name("executor", cfg.executor, EXECUTORS)
+    _positive("ray.cpus", cfg.ray.cpus)
+    host, sep, port = cfg.ray.address.rpartition(":")
+    if cfg.ray.address not in ("", "auto") and not (sep and host and port.isdigit()):
+        raise GeflError(f"config key 'ray.address' must be '' (a Ray instance of the run's own), 'auto' (the cluster "
+                        f"this machine joined with `ray start`) or HOST:PORT of a head, got {cfg.ray.address!r}")
+    if cfg.ray.gpus < 0:
+        raise GeflError(f"config key 'ray.gpus' must not be negative, got {cfg.ray.gpus}")
+    if cfg.executor == "ray" and (cfg.device == "cuda") != (cfg.ray.gpus > 0) and cfg.device != "auto":
+        raise GeflError(f"with executor ray, the client actors train where `ray.gpus` puts them: device "
+                        f"{cfg.device!r} with ray.gpus {cfg.ray.gpus} contradict each other (set ray.gpus above 0 "
+                        "for cuda, 0 for cpu, or device auto)")
     return cfg
 
 

@@ -113,6 +113,20 @@ class NetworkConfig:
 
 
 @dataclass
+class RayConfig:
+    """Where `executor: ray` runs a simulation's clients (the `ray` extra)."""
+
+    address: str = ""
+    """"": start a Ray instance on this machine for the run, stopped after it; "auto": join the
+    cluster this machine is part of (`ray start`); "HOST:PORT": join the cluster whose head is there."""
+    cpus: float = 1.0
+    """CPUs each client actor holds (and its PyTorch threads, at least one): 1 gives the local
+    pool's results bit for bit, since the thread count changes the order of floating-point sums."""
+    gpus: float = 0.0
+    """GPUs each client actor holds; above 0 it trains on CUDA (a fraction shares one GPU)."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     dataset: str = "fashion-mnist"
@@ -133,8 +147,13 @@ class Config:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    executor: str = "local"
+    """Where simulated clients train: "local", worker processes of this machine; "ray", actors on a
+    Ray cluster (`ray.*`)."""
+    ray: RayConfig = field(default_factory=RayConfig)
     workers: int | None = None
-    """Processes training clients in parallel; null = one per CPU core (capped by clients)."""
+    """Clients training in parallel (worker processes, or Ray actors); null = one per CPU core of the
+    machine, or of the Ray cluster (by `ray.cpus` and `ray.gpus`), capped by the clients."""
     device: str = "auto"
     """auto | cpu | cuda"""
 

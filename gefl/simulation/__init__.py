@@ -68,7 +68,8 @@ def simulate(
         if config is None:
             config = Path(resume) / "config.yaml"
     cfg = _as_config(config)
-    device = resolve_device(cfg.device)
+    # Ray actors move the data to the device `ray.gpus` gives them; the driver need have none.
+    device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
     if resume is None:
         RunDir.check_target(out)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
@@ -88,8 +89,16 @@ def simulate(
          "label_histogram": label_histogram(split.labels.cpu().numpy(), dataset.num_classes)}
         for c, split in clients.items()
     ]
-    executor = make_executor(WorkerContext(algorithm, clients, test, dataset.num_classes, cfg.eval.batch_size),
-                             cfg.workers or default_workers(cfg.num_clients), device)
+    ctx = WorkerContext(algorithm, clients, test, dataset.num_classes, cfg.eval.batch_size)
+    executor: Executor
+    if cfg.executor == "ray":
+        from gefl.simulation.ray_executor import RayExecutor  # the optional `ray` extra
+
+        executor = RayExecutor(ctx, cfg.ray, cfg.workers, cfg.num_clients)
+        where = f"{executor.workers} Ray actor(s) on {executor.device}"
+    else:
+        executor = make_executor(ctx, cfg.workers or default_workers(cfg.num_clients), device)
+        where = f"{executor.workers} worker(s) on {device.type}"
     try:
         logic = TrainingLogic(cfg, dataset, run, tiers=tiers, used=tiers, evaluator=executor, algorithm=algorithm,
                               extras=(lambda: {"devices": devices.summary()}) if devices is not None else None)
@@ -102,7 +111,7 @@ def simulate(
         run.write_json("partition.json", partition)
         log.info(f"gefl simulate: {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} clients, "
             f"{loop.federation.total_rounds} rounds ({', '.join(f'{ph.name} {ph.rounds}' for ph in logic.phases())}), "
-            f"{executor.workers} worker(s) on {device.type} -> {run.path}")
+            f"{where} -> {run.path}")
         sizes = [len(clients[c]) for c in range(cfg.num_clients)]
         if devices is not None:
             classes = devices.summary()["device_classes"]

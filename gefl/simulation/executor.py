@@ -38,6 +38,14 @@ class WorkerContext:
     num_classes: int
     eval_batch_size: int
 
+    def to(self, device: torch.device) -> WorkerContext:
+        """The same context with its data on `device` (a Ray actor's, which the driver may not have)."""
+        def move(split: Split) -> Split:
+            return Split(split.images.to(device), split.labels.to(device))
+
+        return WorkerContext(self.algorithm, {c: move(s) for c, s in self.clients.items()}, move(self.test),
+                             self.num_classes, self.eval_batch_size)
+
     def run(self, task: ClientTask) -> ClientResult:
         return self.algorithm.client_step(task, self.clients[task.client_id], self.num_classes)
 
