@@ -439,8 +439,9 @@ def test_a_refused_subscription_is_an_error_naming_the_topic_and_failed_publishe
         assert bridge.publish_failures == 0
         plain.kill()
         wait_for(lambda: not bridge.connection.connected.is_set(), 10, "the bridge to notice")
+        before = bridge.publish_failures  # the bridge's own status heartbeat may also have failed by now
         info = bridge.connection.publish(bridge.topics.client("board-1", "reply"), b"{}")
-        assert info.rc != 0 and bridge.publish_failures == 1
+        assert info.rc != 0 and bridge.publish_failures >= before + 1
         assert any("could not publish on gefl/mqtt-fedavg/client/board-1/reply" in line for line in log), log
         plain.start()
         assert bridge.connection.wait_connected(30)
