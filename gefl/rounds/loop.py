@@ -200,8 +200,14 @@ class RoundLoop:
         if len(delivery.results) < needed:
             self.federation.abandon_round()
             if not self.grid.retries:
-                raise GeflError(f"round {info.number}: every client's update was refused (see above); if "
-                                "training diverged, lower train.lr")
+                lost = len(info.participants) - len(delivery.results) - len(delivery.refused)
+                why = []
+                if delivery.refused:
+                    why.append(f"{len(delivery.refused)} refused (see above; if training diverged, lower train.lr)")
+                if lost > 0:
+                    why.append(f"{lost} lost with their worker (see the warnings above)")
+                raise GeflError(f"round {info.number}: {len(delivery.results)} accepted update(s) of "
+                                f"{len(info.participants)}, the quorum is {needed}: " + "; ".join(why))
             log.warning(f"round {info.number}: {len(delivery.results)} result(s) by the deadline, the quorum is "
                      f"{needed}: running the round again")
             return

@@ -103,9 +103,7 @@ class RayExecutor:
                                 "one with `ray start --head`, or set ray.address to '' for a Ray instance of this "
                                 "run's own") from exc
         resources = ray.cluster_resources()
-        room = int(resources.get("CPU", 0) // settings.cpus)
-        if settings.gpus > 0:
-            room = min(room, int(resources.get("GPU", 0) // settings.gpus))
+        room = self._room(resources)
         if room < 1:
             self.close()
             raise GeflError(f"the Ray cluster has {resources.get('CPU', 0):g} CPU(s) and {resources.get('GPU', 0):g} "
@@ -117,6 +115,13 @@ class RayExecutor:
         self.actors: list[Any] = []
         self._refill()
 
+    def _room(self, resources: dict[str, float]) -> int:
+        """How many client actors of `ray.cpus` and `ray.gpus` fit in these resources."""
+        room = int(resources.get("CPU", 0) // self.settings.cpus)
+        if self.settings.gpus > 0:
+            room = min(room, int(resources.get("GPU", 0) // self.settings.gpus))
+        return room
+
     def _new_actor(self) -> Any:
         return self._actor_class.options(num_cpus=self.settings.cpus, num_gpus=self.settings.gpus).remote(
             self._ctx, max(1, int(self.settings.cpus)), self.device)
@@ -127,10 +132,7 @@ class RayExecutor:
         missing = self.workers - len(self.actors)
         if missing <= 0:
             return
-        free = self.ray.available_resources()
-        room = int(free.get("CPU", 0) // self.settings.cpus)
-        if self.settings.gpus > 0:
-            room = min(room, int(free.get("GPU", 0) // self.settings.gpus))
+        room = self._room(self.ray.available_resources())
         if self.actors and room < missing:
             log.warning(f"Ray: {len(self.actors)} of {self.workers} client actors alive, room for {max(room, 0)} more")
         self.actors += [self._new_actor() for _ in range(min(missing, room) if self.actors else missing)]
