@@ -116,7 +116,6 @@ class MqttBridge:
         self.dropped = 0
         """Messages dropped as malformed, mis-addressed, forged or refused (the tests read it)."""
         self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
-        self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="gefl-mqtt-bridge", daemon=True)
         offline = (self.topics.aggregator_status, m.encode_json({"status": "offline"}), True)
         self.connection = m.Connection(self.url, f"gefl-aggregator-{self.topics.federation}-{self._session}", auth,
@@ -159,9 +158,10 @@ class MqttBridge:
                             f"{', '.join(self.subscriptions)} in the broker's ACL (configs/mosquitto/acl shows how)")
 
     def stop(self) -> None:
-        self._stop.set()
+        """Publish what is queued (the last round's "finished" tasks above all: a client that misses its
+        own waits for a task forever), then the offline status, then disconnect."""
         self._queue.put(("stop", ""))
-        self._worker.join(10)
+        self._worker.join(60)
         self.connection.close(self._offline)
 
     def _on_connect(self) -> None:
@@ -171,7 +171,7 @@ class MqttBridge:
 
     # ------------------------------------------------------------------ the worker
     def _work(self) -> None:
-        while not self._stop.is_set():
+        while True:  # until the "stop" item, after everything queued before it
             item = self._queue.get()
             try:
                 if isinstance(item, tuple):

@@ -202,7 +202,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
     logic = EchoLogic(args.size, args.rounds)
     settings = Settings(num_clients=args.clients, min_clients=args.min_clients, round_timeout=ROUND_TIMEOUT_S,
-                        heartbeat_interval=HEARTBEAT_INTERVAL_S, heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
+                        heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout)
     coordinator = Coordinator(logic, settings, TOKEN)
     coordinator.loop = RoundLoop(logic, coordinator, num_clients=args.clients, quorum=args.min_clients)
     if args.transport == "mqtt":  # the bridge to the broker the parent started on --port
@@ -423,10 +423,12 @@ def fleet() -> Iterator[list[Child]]:
 
 
 def start_aggregator(children: list[Child], port: int, clients: int, min_clients: int, size: int, rounds: int,
-                     deadline: float, verbose: bool, start_when: int = 0, transport: str = "grpc") -> Child:
+                     deadline: float, verbose: bool, start_when: int = 0, transport: str = "grpc",
+                     liveness: tuple[float, float] = (HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S)) -> Child:
     agg = Child(["--role", "aggregator", "--port", str(port), "--clients", str(clients), "--min-clients",
                  str(min_clients), "--size", str(size), "--rounds", str(rounds), "--deadline", str(deadline),
-                 "--start-when", str(start_when), "--transport", transport] + (["--verbose"] if verbose else []))
+                 "--start-when", str(start_when), "--transport", transport, "--heartbeat-interval",
+                 str(liveness[0]), "--heartbeat-timeout", str(liveness[1])] + (["--verbose"] if verbose else []))
     children.append(agg)
     agg.expect("ready", 60)
     return agg
@@ -443,9 +445,15 @@ def start_clients(children: list[Child], port: int, count: int, prefix: str, dea
 def _finish(agg: Child, clients: list[Child], timeout: float) -> tuple[dict, list[dict]]:
     """The aggregator's and every client process's final report; the processes have exited."""
     result = agg.expect("role", timeout)
-    reports = [c.expect("role", 30) for c in clients]
+    reports = []
+    for c in clients:
+        try:
+            reports.append(c.expect("role", 120))  # a process of 125 MQTT clients takes a while to close
+        except RuntimeError as exc:  # kept: the aggregator's side of the row is still worth reporting
+            reports.append({"clients": [], "peak_rss_mb": 0.0, "torch_imported": False, "failed": str(exc)})
     for child in (agg, *clients):
-        child.popen.wait(30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(30)
     return result, reports
 
 
@@ -461,9 +469,11 @@ def _median(values: list[float]) -> float | None:
 # --------------------------------------------------------------------------- the measurements
 
 
-def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = False, transport: str = "grpc") -> dict:
+def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = False, transport: str = "grpc",
+             liveness: tuple[float, float] = (HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S)) -> dict:
     """One row: `clients` echo clients in `procs` processes, `rounds` echo rounds of `size` bytes,
-    over gRPC or through a Mosquitto broker started for the row (MQTT)."""
+    over gRPC or through a Mosquitto broker started for the row (MQTT); `liveness`: the heartbeat
+    interval and timeout the aggregator hands its clients."""
     timeout = _row_timeout(clients, size, rounds)
     port = free_port()
     lo_before = loopback_bytes()
@@ -475,7 +485,7 @@ def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = F
 
             broker = stack.enter_context(Mosquitto(port))
         agg = start_aggregator(children, port, clients, clients, size, rounds, timeout + 30, verbose,
-                               transport=transport)
+                               transport=transport, liveness=liveness)
         per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         client_procs = [start_clients(children, port, n, f"p{i}", timeout + 30, transport=transport)
                         for i, n in enumerate(per)]
@@ -488,7 +498,8 @@ def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = F
     rows = result["rounds"]
     overhead = [r["closed"] - r["opened"] for r in rows if r["opened"] is not None and r["closed"] is not None]
     timed = overhead[1:]
-    errors = [f"{c['name']}: {e}" for rep in reports for c in rep["clients"] for e in c["errors"]]
+    errors = [rep["failed"] for rep in reports if "failed" in rep]
+    errors += [f"{c['name']}: {e}" for rep in reports for c in rep["clients"] for e in c["errors"]]
     complete = (len(overhead) == rounds and all(r.get("results") == clients for r in rows) and not errors)
     opened = {r["round"]: r["opened"] for r in rows}
     closed = {r["round"]: r["closed"] for r in rows}
@@ -509,6 +520,7 @@ def echo_row(clients: int, procs: int, size: int, rounds: int, verbose: bool = F
     wire = lo_after - lo_before if lo_before is not None and lo_after is not None else None
     return {
         "transport": transport, "broker_rss_mb": broker_rss,
+        "round_results": [{"round": r["round"], "results": r.get("results")} for r in rows],
         "clients": clients, "processes": procs, "threads_per_process": per, "size_bytes": size,
         "size_mb": size / MB, "rounds": rounds, "complete": complete, "errors": errors[:20],
         "round_overhead_s": overhead, "timed_rounds": len(timed),
@@ -868,6 +880,45 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+SCALE_LIVENESS = (10.0, 60.0)
+"""Heartbeat interval and timeout for 1000 clients: at 1 s, 1000 heartbeats a second would take the
+aggregator's 2 cores from the rounds."""
+
+
+def scale_rows(out: Path, verbose: bool) -> int:
+    """1000 echo clients x 0.1 MB over gRPC and MQTT; a row that fails is written down as such."""
+    rows = []
+    for transport in ("grpc", "mqtt"):
+        progress(f"{transport}: 1000 clients (8 processes) x 0.1 MB x 5 rounds ...")
+        try:
+            r = echo_row(1000, 8, int(0.1 * MB), 5, verbose, transport, liveness=SCALE_LIVENESS)
+        except RuntimeError as exc:  # a child that never reported: the row did not finish
+            r = {"transport": transport, "clients": 1000, "complete": False, "errors": [str(exc)]}
+        progress(f"  {json.dumps({k: r.get(k) for k in ('complete', 'median_round_s', 'errors')})}")
+        rows.append(r)
+    result = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "heartbeat_interval_s": SCALE_LIVENESS[0],
+              "heartbeat_timeout_s": SCALE_LIVENESS[1], "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transport_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# 1000 echo clients per round ({result['date']}, {result['cores']} cores)", "",
+             f"1000 echo clients in 8 processes, 0.1 MB each way, 5 rounds, heartbeats every {SCALE_LIVENESS[0]:g} s "
+             f"(timeout {SCALE_LIVENESS[1]:g} s); median over rounds 2-5. Flower on this machine: 10 to 17 s per "
+             "round for 10 clients x 1 MB.", "",
+             "| transport | complete | results per round | median round s | max round s | aggregator peak RSS MB "
+             "| broker RSS MB | client process peak RSS MB | clients counted offline | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per_round = [x.get("results") for x in r.get("round_results", [])] or "-"
+        lines.append(f"| {r['transport']} | {'yes' if r['complete'] else 'no'} | {per_round} "
+                     f"| {_fmt(r.get('median_round_s'), '.2f')} | {_fmt(r.get('max_round_s'), '.2f')} "
+                     f"| {_fmt(r.get('aggregator_peak_rss_mb'), '.0f')} | {_fmt(r.get('broker_rss_mb'), '.0f')} "
+                     f"| {_fmt(r.get('client_process_peak_rss_mb'), '.0f')} | {len(r.get('offline_events', []))} "
+                     f"| {'; '.join(r['errors'][:1])} |")
+    (out / "transport_scale.md").write_text("\n".join(lines) + "\n")
+    print((out / "transport_scale.md").read_text())
+    return 0 if all(r["complete"] for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny rows, a smoke check (default --out: a temp dir)")
@@ -875,9 +926,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big", choices=("auto", "yes", "no"), default="auto",
                         help="the 100 clients x 22 MB row: auto = only if predicted to fit in time and memory")
     parser.add_argument("--verbose", action="store_true", help="echo the aggregator's log to stderr")
+    parser.add_argument("--scale", action="store_true",
+                        help="only the 1000-client rows (1000 x 0.1 MB, gRPC and MQTT, heartbeats every "
+                             f"{SCALE_LIVENESS[0]:g} s, timeout {SCALE_LIVENESS[1]:g} s): transport_scale.json/.md")
     # Internal: the roles of the child processes this script starts.
     parser.add_argument("--role", choices=("aggregator", "clients"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S, help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S, help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--min-clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -904,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "gefl-transport-quick" if args.quick
                                            else RESULTS)
     started = time.monotonic()
+    if args.scale:
+        return scale_rows(out, args.verbose)
     result = run_benchmark(args)
     result["wall_s"] = time.monotonic() - started
     md = write_results(out, result)

@@ -532,11 +532,15 @@ class Connection:
         self.client.unsubscribe(list(topics))
 
     def close(self, last_words: Will | None = None) -> None:
-        """Disconnect cleanly (no last will); `last_words` is published first, as the will would have been."""
+        """Disconnect cleanly (no last will); `last_words` is published first, as the will would have been.
+
+        Waiting for the broker to acknowledge `last_words`, sent after everything queued before it,
+        keeps a disconnect from dropping those: with 1000 clients the last round's tasks are 1000
+        QoS 1 messages, and paho sends 20 at a time."""
         self._closing = True
         if last_words is not None and self.connected.is_set():
             topic, payload, retain = last_words
             with contextlib.suppress(RuntimeError, ValueError):  # the connection went meanwhile
-                self.publish(topic, payload, retain=retain).wait_for_publish(2.0)
+                self.publish(topic, payload, retain=retain).wait_for_publish(30.0)
         self.client.disconnect()
         self.client.loop_stop()
