@@ -51,6 +51,11 @@ def _import_ray() -> Any:
     return ray
 
 
+def _join_error(address: str, exc: Exception) -> GeflError:
+    return GeflError(f"could not join the Ray cluster at ray.address {address!r}: {exc}; start one with "
+                     "`ray start --head`, or set ray.address to '' for a Ray instance of this run's own")
+
+
 def _check_reachable(address: str) -> None:
     """Fail at once where nothing listens at HOST:PORT: Ray itself keeps retrying a missing head for minutes."""
     host, sep, port = address.rpartition(":")
@@ -60,8 +65,7 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as exc:
-        raise GeflError(f"could not join the Ray cluster at ray.address {address!r}: {exc}; start one with "
-                        "`ray start --head`, or set ray.address to '' for a Ray instance of this run's own") from exc
+        raise _join_error(address, exc) from exc
 
 
 class _ClientActor:
@@ -99,9 +103,7 @@ class RayExecutor:
                 ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                          **({"num_cpus": os.cpu_count()} if address == "local" else {}))
             except ConnectionError as exc:
-                raise GeflError(f"could not join the Ray cluster at ray.address {settings.address!r}: {exc}; start "
-                                "one with `ray start --head`, or set ray.address to '' for a Ray instance of this "
-                                "run's own") from exc
+                raise _join_error(settings.address, exc) from exc
         resources = ray.cluster_resources()
         room = self._room(resources)
         if room < 1:
