@@ -116,12 +116,21 @@ class MqttBridge:
         self.dropped = 0
         """Messages dropped as malformed, mis-addressed, forged or refused (the tests read it)."""
         self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self._stopping = False
         self._worker = threading.Thread(target=self._work, name="gefl-mqtt-bridge", daemon=True)
         offline = (self.topics.aggregator_status, m.encode_json({"status": "offline"}), True)
         self.connection = m.Connection(self.url, f"gefl-aggregator-{self.topics.federation}-{self._session}", auth,
-                                       on_message=self._queue.put, on_connect=self._on_connect, will=offline)
+                                       on_message=self._enqueue, on_connect=self._on_connect, will=offline)
         self._offline = offline
-        coordinator.add_listener(lambda event: self._queue.put(("event", event)))
+        coordinator.add_listener(lambda event: self._enqueue(("event", event)))
+
+    def _enqueue(self, item: object) -> None:
+        """Hand a message or event to the worker; once stopping, drop it. The queue is bounded, so a put
+        blocks while it is full: after the worker's last item nobody would empty it, and paho's network
+        thread, blocked there, could neither send the last round's tasks nor let close() join it (with
+        1000 clients' heartbeats arriving, that deadlocked every run's end)."""
+        if not self._stopping:
+            self._queue.put(item)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -159,7 +168,9 @@ class MqttBridge:
 
     def stop(self) -> None:
         """Publish what is queued (the last round's "finished" tasks above all: a client that misses its
-        own waits for a task forever), then the offline status, then disconnect."""
+        own waits for a task forever), then the offline status, then disconnect. What arrives from here
+        on is dropped: it could not be answered anyway."""
+        self._stopping = True
         self._queue.put(("stop", ""))
         self._worker.join(60)
         self.connection.close(self._offline)
@@ -167,7 +178,7 @@ class MqttBridge:
     def _on_connect(self) -> None:
         """After every (re)connection: subscribe, and have the worker republish the retained state."""
         self.connection.subscribe(*self.subscriptions)
-        self._queue.put(("event", "connected"))
+        self._enqueue(("event", "connected"))
 
     # ------------------------------------------------------------------ the worker
     def _work(self) -> None:

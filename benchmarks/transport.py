@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import hashlib
 import importlib.metadata
 import json
@@ -164,8 +165,9 @@ def _watchdog(deadline_s: float) -> None:
             if os.getppid() != parent:
                 os._exit(3)
             if time.monotonic() > until:
-                print(f"transport benchmark child {os.getpid()}: past its {deadline_s:.0f} s deadline, exiting",
-                      file=sys.stderr, flush=True)
+                print(f"transport benchmark child {os.getpid()}: past its {deadline_s:.0f} s deadline, exiting; "
+                      "where its threads were:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(all_threads=True)  # what it hung on, for the report
                 os._exit(4)
 
     threading.Thread(target=watch, name="watchdog", daemon=True).start()
@@ -950,6 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C reaches the whole process group: the parent alone handles it, stopping its
         # children in order, instead of every child printing its own KeyboardInterrupt.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where a stuck child is
         _watchdog(args.deadline)
         role: Callable[[argparse.Namespace], int] = run_aggregator if args.role == "aggregator" else run_clients
         return role(args)

@@ -448,6 +448,46 @@ def test_a_refused_subscription_is_an_error_naming_the_topic_and_failed_publishe
         bridge.stop()
 
 
+def test_a_flood_of_messages_cannot_keep_the_aggregator_from_stopping_or_saying_so(tmp_path, broker, monkeypatch):
+    """The bridge's queue is bounded. Once its worker had taken its last item, paho's network thread,
+    putting one more flooded message, blocked for good: stop() never returned and the last round's
+    tasks were never sent (1000 clients' heartbeats did that at every run's end). A tiny queue and a
+    flood on a status topic make the same happen every time here."""
+    import paho.mqtt.client as mqtt
+    from gefl.aggregator import mqtt_bridge
+
+    monkeypatch.setattr(mqtt_bridge, "QUEUE_SIZE", 2)
+    coordinator = build_coordinator(config_from_dict(FEDAVG), tmp_path / "state", TOKEN)
+    bridge = MqttBridge(coordinator, m.parse_broker_url(broker.url), m.MqttAuth())
+    bridge.start(timeout=10)
+    flooding = threading.Event()
+    flooder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    statuses: list[bytes] = []
+    flooder.on_message = lambda _c, _u, msg: statuses.append(msg.payload)
+    flooder.connect("127.0.0.1", broker.port)
+    flooder.loop_start()
+    flooder.subscribe(bridge.topics.aggregator_status, 1)
+
+    def flood() -> None:
+        while not flooding.is_set():
+            flooder.publish(bridge.topics.client("board-9", "status"), b'{"status": "alive"}', qos=0)
+            time.sleep(0.0005)
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        wait_for(lambda: bridge._queue.full(), 30, "the flood to fill the bridge's queue")
+        stopper = threading.Thread(target=bridge.stop, daemon=True)
+        stopper.start()
+        stopper.join(60)  # it takes well under a second; before the fix it never returned
+        assert not stopper.is_alive(), "MqttBridge.stop() hung under a flood of messages"
+        wait_for(lambda: any(b'"offline"' in s for s in statuses), 30, "the aggregator's offline status")
+        assert bridge.dropped > 0  # the flood was read (and dropped as unauthenticated) while it ran
+    finally:
+        flooding.set()
+        flooder.loop_stop()
+        flooder.disconnect()
+
+
 # ------------------------------------------------------------------------------ 7. all of it, throughout a run
 ATTACKER = r'''
 import json, sys, time
