@@ -451,14 +451,22 @@ def test_a_refused_subscription_is_an_error_naming_the_topic_and_failed_publishe
 def test_a_flood_of_messages_cannot_keep_the_aggregator_from_stopping_or_saying_so(tmp_path, broker, monkeypatch):
     """The bridge's queue is bounded. Once its worker had taken its last item, paho's network thread,
     putting one more flooded message, blocked for good: stop() never returned and the last round's
-    tasks were never sent (1000 clients' heartbeats did that at every run's end). A tiny queue and a
-    flood on a status topic make the same happen every time here."""
+    tasks were never sent (1000 clients' heartbeats did that at every run's end). A tiny queue, a
+    worker slower than the flood on a status topic, and the flood going on while the bridge stops make
+    the same happen every time here."""
     import paho.mqtt.client as mqtt
     from gefl.aggregator import mqtt_bridge
 
     monkeypatch.setattr(mqtt_bridge, "QUEUE_SIZE", 2)
     coordinator = build_coordinator(config_from_dict(FEDAVG), tmp_path / "state", TOKEN)
     bridge = MqttBridge(coordinator, m.parse_broker_url(broker.url), m.MqttAuth())
+    handle = bridge._on_message
+
+    def busy(topic: str, payload: bytes) -> None:  # an aggregator busy with a round: slower than the flood
+        time.sleep(0.02)
+        handle(topic, payload)
+
+    monkeypatch.setattr(bridge, "_on_message", busy)
     bridge.start(timeout=10)
     flooding = threading.Event()
     flooder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
@@ -475,13 +483,12 @@ def test_a_flood_of_messages_cannot_keep_the_aggregator_from_stopping_or_saying_
 
     threading.Thread(target=flood, daemon=True).start()
     try:
-        wait_for(lambda: bridge._queue.full(), 30, "the flood to fill the bridge's queue")
+        wait_for(lambda: bridge._queue.full(), 60, "the flood to fill the bridge's queue")
         stopper = threading.Thread(target=bridge.stop, daemon=True)
         stopper.start()
         stopper.join(60)  # it takes well under a second; before the fix it never returned
         assert not stopper.is_alive(), "MqttBridge.stop() hung under a flood of messages"
         wait_for(lambda: any(b'"offline"' in s for s in statuses), 30, "the aggregator's offline status")
-        assert bridge.dropped > 0  # the flood was read (and dropped as unauthenticated) while it ran
     finally:
         flooding.set()
         flooder.loop_stop()
