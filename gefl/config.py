@@ -175,6 +175,8 @@ def validate(cfg: Config) -> Config:
             raise GeflError(f"config key {key!r} must not be negative, got {value}")
     if cfg.partition.samples_per_client is not None:
         _positive("partition.samples_per_client", cfg.partition.samples_per_client)
+    if gen.batch_size is not None:
+        _positive("gefl.generator.batch_size", gen.batch_size)
     if not 0 < cfg.client_fraction <= 1:
         raise GeflError(f"config key 'client_fraction' must be in (0, 1], got {cfg.client_fraction}")
     if cfg.network.min_clients is not None and not 1 <= cfg.network.min_clients <= cfg.num_clients:

@@ -629,3 +629,29 @@ def test_class_prior_needs_matching_statistics_in_a_checkpoint():
 def test_cvae_option_with_an_unknown_value_names_it(option, value):
     with pytest.raises(GeflError, match=f"{option} must be .*{value!r}"):
         build_generator("cvae-f", FEATURE_SHAPE, CLASSES, "light", {option: value})
+
+
+@pytest.mark.parametrize("generator_batch, steps", [(None, 2), (30, 4)])
+def test_generator_rounds_take_their_own_batch_size(fmnist, monkeypatch, generator_batch, steps):
+    """`gefl.generator.batch_size` sets the generator's local steps (null: train.batch_size): one
+    epoch of 120 real features is two steps at batch 64 and four at 30."""
+    from gefl.algorithms import ClientTask
+    from gefl.generators.cvae import CVAEF
+    from gefl.protocol.wire import encode_state
+
+    seen: list[int] = []
+    real_step = CVAEF.train_step
+    monkeypatch.setattr(CVAEF, "train_step", lambda self, x, y, opt: seen.append(len(y)) or real_step(self, x, y, opt))
+    algo = make_algorithm(config_from_dict({
+        "algorithm": "gefl-f", "tiers": ["cnn3"], "num_clients": 1, "train": {"batch_size": 64},
+        "gefl": {"generator": {"preset": "light", "local_epochs": 1, "batch_size": generator_batch}}}))
+    state = algo.prepare_round(GENERATOR, algo.init_state(["cnn3"], 1, 10), 10)
+    task = ClientTask(1, GENERATOR, 0, "cnn3", 1, encode_state(state.models["cnn3"]),
+                      algo.encode_generator(state.generator))
+    algo.client_step(task, Split(fmnist.train.images[:120], fmnist.train.labels[:120]), 10)
+    assert len(seen) == steps and max(seen) == (generator_batch or 64)
+
+
+def test_config_refuses_a_generator_batch_size_below_one():
+    with pytest.raises(GeflError, match="'gefl.generator.batch_size' must be positive, got 0"):
+        config_from_dict({"gefl": {"generator": {"batch_size": 0}}})

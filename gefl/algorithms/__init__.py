@@ -332,7 +332,8 @@ class GeneratorAlgorithm(LGFedAvg):
                          rng: torch.Generator) -> ClientResult:
         g = self.cfg.gefl.generator
         opt = Adam(generator.parameters(), lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay)
-        loss = train_generator(generator, x, labels, g.local_epochs, self.cfg.train.batch_size, opt, rng)
+        batch_size = g.batch_size if g.batch_size is not None else self.cfg.train.batch_size
+        loss = train_generator(generator, x, labels, g.local_epochs, batch_size, opt, rng)
         return ClientResult(task.client_id, task.tier, task.phase, self.encode_generator(generator.state_dict()),
                             len(labels), loss)
 
