@@ -8,7 +8,7 @@ still leaves what it measured.
 
     python benchmarks/paper_fmnist.py                       # every row, seeds 0 1 2 (many hours)
     python benchmarks/paper_fmnist.py --seeds 0 --configs fedavg gefl-f-light
-    python benchmarks/paper_fmnist.py --seeds 2 --resume    # add seed 2 to the existing results
+    python benchmarks/paper_fmnist.py --seeds 2 --resume    # add seed 2; a cut-short run goes on
     python benchmarks/paper_fmnist.py --noniid              # Dirichlet(0.3): configs/noniid/
 
 A config name is configs/paper/fmnist-<name>.yaml (configs/noniid/fmnist-dir0.3-<name>.yaml with
@@ -19,18 +19,22 @@ heavy generators need hours of CPU per run, so their rows also run with the smal
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from gefl.config import load_config
+from gefl.config import Config, load_config, to_dict
+from gefl.rounds.checkpoint import CHECKPOINT
 from gefl.rounds.rundir import load_generator
 from gefl.simulation import simulate
 from gefl.tiers.models import count_parameters
@@ -168,6 +172,24 @@ def _print_evaluated_rounds() -> None:
     logging.getLogger("gefl").setLevel(logging.INFO)
 
 
+def run_once(name: str, seed: int, cfg: Config, runs_dir: Path, resume: bool) -> tuple[dict, Path]:
+    """One (config, seed) in a directory named by what it runs. With --resume, a run cut short
+    (a session that ended, a killed process) goes on from its last checkpoint and a finished one
+    is read back, so a row of hours still finishes across sessions; without it, the run starts
+    over."""
+    tag = hashlib.sha1(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
+    run_dir = runs_dir / f"{name}-s{seed}-{tag}"
+    if resume and (run_dir / "summary.json").is_file():
+        print(f"== {name} seed {seed}: finished before, read back from {run_dir}", flush=True)
+        return json.loads((run_dir / "summary.json").read_text()), run_dir
+    if resume and (run_dir / CHECKPOINT).is_file():
+        print(f"== {name} seed {seed}: resumed from {run_dir}", flush=True)
+        return simulate(cfg, resume=run_dir), run_dir
+    print(f"== {name} seed {seed}", flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return simulate(cfg, out=run_dir), run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", help=f"rows to run (default: {' '.join(CONFIGS)}; "
@@ -181,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"), help="where each run's directory goes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in the results file and skip (config, seed) pairs it has")
+                        help="keep the runs already in the results file and skip (config, seed) pairs it has; "
+                             "a run cut short goes on from its checkpoint")
     args = parser.parse_args(argv)
     names = args.configs or (NONIID if args.noniid else CONFIGS)
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("paper_fmnist_noniid" if args.noniid else "paper_fmnist"))
@@ -199,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and previous.is_file():
         results = json.loads(previous.read_text())
         results["command"] += f"; then {command}"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     _print_evaluated_rounds()
     for seed in args.seeds:  # seed-major, so a cut-short benchmark still compares configs on equal seeds
         for name in names:
@@ -208,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             base, variant = VARIANTS.get(name, (name, []))
             path = config_path(base, args.noniid)
             cfg = load_config(path, [*variant, *args.set, f"seed={seed}"])
-            print(f"== {name} seed {seed}", flush=True)
-            run_dir = Path(args.runs_dir) / f"{stamp}-{name}-s{seed}"
-            summary = simulate(cfg, out=run_dir)
+            summary, run_dir = run_once(name, seed, cfg, Path(args.runs_dir), args.resume)
             source = " ".join([str(path.relative_to(ROOT)), *(f"--set {v}" for v in [*variant, *args.set])])
             entry = results["configs"].setdefault(name, {"config": source, "runs": []})
             has_generator = (run_dir / "weights" / "generator.safetensors").is_file()
