@@ -182,8 +182,8 @@ def _print_evaluated_rounds() -> None:
 def run_once(name: str, seed: int, cfg: Config, runs_dir: Path, resume: bool) -> tuple[dict, Path]:
     """One (config, seed) in a directory named by what it runs. With --resume, a run cut short
     (a session that ended, a killed process) goes on from its last checkpoint and a finished one
-    is read back, so a row of hours still finishes across sessions; without it, the run starts
-    over."""
+    is read back, so a row of hours loses at most a round when it is stopped; without it, the run
+    starts over."""
     tag = hashlib.sha1(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
     run_dir = runs_dir / f"{name}-s{seed}-{tag}"
     if resume and (run_dir / "summary.json").is_file():
