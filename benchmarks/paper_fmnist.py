@@ -179,22 +179,26 @@ def _print_evaluated_rounds() -> None:
     logging.getLogger("gefl").setLevel(logging.INFO)
 
 
+def run_or_resume(cfg: Config, run_dir: Path, label: str) -> dict:
+    """The run in `run_dir`: read back if finished, resumed from its checkpoint if cut short (a
+    session that ended, a killed process: a row of hours loses at most a round), else started."""
+    if (run_dir / "summary.json").is_file():
+        print(f"== {label}: finished before, read back from {run_dir}", flush=True)
+        return json.loads((run_dir / "summary.json").read_text())
+    if (run_dir / CHECKPOINT).is_file():
+        print(f"== {label}: resumed from {run_dir}", flush=True)
+        return simulate(cfg, resume=run_dir)
+    print(f"== {label}", flush=True)
+    return simulate(cfg, out=run_dir)
+
+
 def run_once(name: str, seed: int, cfg: Config, runs_dir: Path, resume: bool) -> tuple[dict, Path]:
-    """One (config, seed) in a directory named by what it runs. With --resume, a run cut short
-    (a session that ended, a killed process) goes on from its last checkpoint and a finished one
-    is read back, so a row of hours loses at most a round when it is stopped; without it, the run
-    starts over."""
+    """One (config, seed) in a directory named by what it runs; without --resume it starts over."""
     tag = hashlib.sha1(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
     run_dir = runs_dir / f"{name}-s{seed}-{tag}"
-    if resume and (run_dir / "summary.json").is_file():
-        print(f"== {name} seed {seed}: finished before, read back from {run_dir}", flush=True)
-        return json.loads((run_dir / "summary.json").read_text()), run_dir
-    if resume and (run_dir / CHECKPOINT).is_file():
-        print(f"== {name} seed {seed}: resumed from {run_dir}", flush=True)
-        return simulate(cfg, resume=run_dir), run_dir
-    print(f"== {name} seed {seed}", flush=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return simulate(cfg, out=run_dir), run_dir
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return run_or_resume(cfg, run_dir, f"{name} seed {seed}"), run_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,12 +36,10 @@ from pathlib import Path
 import torch
 
 from gefl.config import load_config
-from gefl.rounds.checkpoint import CHECKPOINT
-from gefl.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_fmnist import _mb, _print_evaluated_rounds, traffic  # noqa: E402  (a sibling script, not a package)
+from paper_fmnist import _mb, _print_evaluated_rounds, run_or_resume, traffic  # noqa: E402  (a sibling script, not a package)
 
 POOL = 6000
 """Training images shared out at every scale (the paper's 10 x 600)."""
@@ -183,15 +181,7 @@ def run_once(name: str, row: Row, seed: int, extra: list[str], runs_dir: Path) -
     tag = hashlib.sha1(" ".join([*row.settings(), *extra]).encode()).hexdigest()[:8]
     run_dir = runs_dir / f"{name}-s{seed}-{tag}"
     cfg = load_config(row.path(), [*row.settings(), *extra, f"seed={seed}"])
-    if (run_dir / "summary.json").is_file():
-        print(f"== {name} seed {seed}: finished before, read back from {run_dir}", flush=True)
-        summary = json.loads((run_dir / "summary.json").read_text())
-    elif (run_dir / CHECKPOINT).is_file():
-        print(f"== {name} seed {seed}: resumed from {run_dir}", flush=True)
-        summary = simulate(cfg, resume=run_dir)
-    else:
-        print(f"== {name} seed {seed}", flush=True)
-        summary = simulate(cfg, out=run_dir)
+    summary = run_or_resume(cfg, run_dir, f"{name} seed {seed}")
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "seed": seed,
