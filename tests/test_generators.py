@@ -600,6 +600,36 @@ def test_class_prior_mixture_finds_a_class_with_two_modes_by_federated_em():
     assert (z[:, 0] > 0).float().mean() == pytest.approx(0.5, abs=0.06)
 
 
+def test_class_prior_mixture_is_kept_until_its_statistics_change():
+    """A head round draws every batch from one mixture, fitted once; new statistics (an E-step,
+    a received state, an in-place write) are fitted again, never sampled from the old fit."""
+    gen = _cvae_f_class_prior(2)
+    codes, labels = _two_modes(100), torch.full((100,), 2)
+    logvar = torch.full_like(codes, -6.0)
+    gen.stats.record(codes, logvar, labels)
+    first = gen.stats.mixture()
+    assert all(a is b for a, b in zip(first, gen.stats.mixture()))  # not fitted again
+    fresh = _cvae_f_class_prior(2)
+    fresh.load_state_dict(gen.state_dict())
+    gen.eval(), fresh.eval()
+    torch.manual_seed(1)
+    kept = gen.sample(torch.full((8,), 2))
+    torch.manual_seed(1)
+    assert torch.equal(kept, fresh.sample(torch.full((8,), 2)))  # the same draws as a fit of its own
+
+    def mean_code() -> float:  # class 2's mean code along the first axis, from the mixture
+        share, mean, _, _ = gen.stats.mixture()
+        return (share[2, :, None] * mean[2]).sum(0)[0].item()
+
+    before = mean_code()
+    gen.stats.record(codes + 5.0, logvar, labels)  # an E-step on other codes
+    assert mean_code() == pytest.approx(before + 5.0, abs=1e-3)
+    gen.load_state_dict(fresh.state_dict())  # a received state
+    assert mean_code() == pytest.approx(before, abs=1e-5)
+    gen.stats.sum[2] += 2.0 * gen.stats.count[2, :, None]  # an in-place write
+    assert mean_code() == pytest.approx(before + 2.0, abs=1e-3)
+
+
 def test_class_prior_e_step_survives_an_indefinite_covariance():
     """Summed statistics whose covariance is not positive definite (rounding in float32 sums of
     codes far from the origin, or a client's slightly inconsistent sums): the next E-step must

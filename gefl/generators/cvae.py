@@ -54,13 +54,22 @@ class ClassLatentStats(nn.Module):
         self.register_buffer("count", torch.zeros(num_classes, components))
         self.register_buffer("sum", torch.zeros(num_classes, components, latent))
         self.register_buffer("moment", torch.zeros(num_classes, components, latent, latent))
+        self._mixture: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The M-step from the statistics: per class and component, its share of the class's
         codes [C, K] (0 for a component without codes), mean [C, K, D] and a square root of its
-        covariance [C, K, D, D]; per class, whether any client has seen it [C]."""
-        share, mean, cov, seen = self._fit()
-        return share, mean, _sqrtm(cov), seen
+        covariance [C, K, D, D]; per class, whether any client has seen it [C].
+
+        Kept until the statistics change (an in-place write, `record` or `load_state_dict`, bumps
+        a tensor's version; `.to()` gives new storage): a head round draws every batch from the
+        same mixture, and its eigendecompositions were a quarter of the time a batch of samples
+        took. The tensors returned are shared between calls; callers do not write to them."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.count, self.sum, self.moment))
+        if self._mixture is None or self._mixture[0] != key:
+            share, mean, cov, seen = self._fit()
+            self._mixture = (key, (share, mean, _sqrtm(cov), seen))
+        return self._mixture[1]
 
     def _fit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`mixture` with covariances instead of their square roots (not clipped to be positive
