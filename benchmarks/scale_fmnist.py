@@ -98,6 +98,14 @@ ROWS = {
     "gefl-f-light-passes5-gen8-10": Row(
         "gefl-f-light", 10, ["gefl.generated_passes=5", "gefl.generator.local_epochs=8", "gefl.generator.lr=0.002"],
         note="5 generated passes, generator rounds of 8 epochs at lr 0.002 (chosen on validation data)"),
+    # On that row's warm-up and generator (validation, seed 0, benchmarks/results/gefl_f_head_gen8.md),
+    # 8 generated passes per head round gave 86.31 against 86.18 for 5 and 86.23 for 3 real epochs: the
+    # best of the three, for about 80 s more of head rounds. On the test set (2026-12-04) it gave 84.94
+    # against the -passes5-gen8- row's 84.87, within the seeds' spread, in 1166-1257 s: not a win, and
+    # over 20 minutes on that day's machine.
+    "gefl-f-light-passes8-gen8-10": Row(
+        "gefl-f-light", 10, ["gefl.generated_passes=8", "gefl.generator.local_epochs=8", "gefl.generator.lr=0.002"],
+        note="8 generated passes, generator rounds of 8 epochs at lr 0.002 (chosen on validation data)"),
     # At 50 and 100 clients a client holds 120 or 60 images: at batch 64 that is two steps or one per
     # local epoch, in the warm-up, generator and head rounds alike, and the model gets a tenth of the
     # sequential steps it gets at 10 clients. Batch 16 (seven or three steps), generator rounds of 2
