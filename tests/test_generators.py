@@ -102,6 +102,53 @@ def test_ddpm_steps_option_overrides_the_preset():
     assert build_generator("ddpm-f", FEATURE_SHAPE, CLASSES, "small").steps == 100
 
 
+def _textbook_ddpm_sample(gen, labels: torch.Tensor) -> torch.Tensor:
+    """Ho et al.'s sampler written out step by step: every trained step, sigma^2 = beta."""
+    context = torch.nn.functional.one_hot(labels, CLASSES).float()
+    x = torch.randn(len(labels), *gen.data_shape)
+    for step in range(gen.steps, 0, -1):
+        eps = gen.net(x, context, torch.full((len(labels),), step / gen.steps))
+        beta, bar = gen.betas[step], gen.alpha_bar[step]
+        x = (x - eps * beta / (1 - bar).sqrt()) / (1 - beta).sqrt()
+        if step > 1:
+            x = x + beta.sqrt() * torch.randn_like(x)
+    return gen.clamp_range(x)
+
+
+@torch.no_grad()
+def test_ddpm_visits_every_trained_step_unless_told_otherwise():
+    gen = build_generator("ddpm-f", FEATURE_SHAPE, CLASSES, "small", {"steps": 7, "width": 8}).eval()
+    labels = torch.arange(6) % CLASSES
+    torch.manual_seed(3)
+    ours = gen.sample(labels)
+    torch.manual_seed(3)
+    assert torch.equal(ours, _textbook_ddpm_sample(gen, labels))
+
+
+@torch.no_grad()
+def test_ddpm_sample_steps_run_that_many_passes_and_reach_the_same_noise_level():
+    """A respaced chain must cost `sample_steps` network passes, start at the top trained step and,
+    step by step, remove exactly the noise of the whole trained schedule: its betas' alphas multiply
+    to alpha_bar[steps] / alpha_bar[0], as the trained ones do."""
+    gen = build_generator("ddpm-f", FEATURE_SHAPE, CLASSES, "small", {"steps": 50, "width": 8,
+                                                                       "sample_steps": 8}).eval()
+    passes = []
+    gen.net.register_forward_hook(lambda _m, args, _out: passes.append(args[2][0].item()))
+    out = gen.sample(torch.arange(4))
+    assert len(passes) == 8 and passes[0] == 1.0 and passes[-1] == pytest.approx(1 / 50)
+    assert passes == sorted(passes, reverse=True)
+    kept = torch.prod(1 - gen.chain_betas.double())
+    assert kept.item() == pytest.approx((gen.alpha_bar[50] / gen.alpha_bar[0]).item(), rel=1e-5)
+    assert torch.prod(1 - gen.betas[1:].double()).item() == pytest.approx(kept.item(), rel=1e-5)
+    assert out.shape == (4, *FEATURE_SHAPE) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sample_steps", [0, 6])
+def test_ddpm_sample_steps_outside_one_to_steps_is_a_gefl_error(sample_steps):
+    with pytest.raises(GeflError, match="sample_steps"):
+        build_generator("ddpm-f", FEATURE_SHAPE, CLASSES, "small", {"steps": 5, "sample_steps": sample_steps})
+
+
 # --------------------------------------------------------------------------- paper sizes
 
 

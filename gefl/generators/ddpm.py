@@ -68,8 +68,15 @@ class DDPM(Generator):
     learns both the conditional and the unconditional noise. Sampling runs all `steps` reverse
     steps; with guidance weight `w` > 0 the noise estimate is (1 + w) * conditional - w *
     unconditional (w = 0, the paper's runs, skips the unconditional half). Linear betas from 1e-4
-    to 0.02 as in the reference. Sampling costs `steps` network passes per batch, which is what
-    makes DDPM the slowest family by far on a CPU.
+    to 0.02 as in the reference.
+
+    Sampling costs one network pass per reverse step and batch, which is what makes DDPM the
+    slowest family by far on a CPU (and on an edge board, where the head rounds sample). With
+    `sample_steps` below `steps` the reverse chain visits only that many of the trained steps,
+    evenly spaced, each with the beta that carries one visited step's noise level to the next
+    (1 - alpha_bar[t] / alpha_bar[t_prev], "respacing"): the same network, fewer passes. With
+    `sample_steps` equal to `steps` (the default) that beta is the trained one and the chain is the
+    full DDPM sampler.
     """
 
     family = "ddpm"
@@ -83,6 +90,7 @@ class DDPM(Generator):
         steps: int = 200,
         guidance: float = 0.0,
         drop_prob: float = 0.1,
+        sample_steps: int | None = None,
     ) -> None:
         super().__init__(data_shape, num_classes, level)
         channels, size, _ = data_shape
@@ -90,14 +98,29 @@ class DDPM(Generator):
             raise ValueError(f"DDPM needs a size divisible by 4 (got {size}) and a width divisible by 8 (got {width})")
         if steps < 1 or not 0 <= drop_prob < 1 or guidance < 0:
             raise ValueError("DDPM needs steps >= 1, 0 <= drop_prob < 1 and guidance >= 0")
+        sample_steps = steps if sample_steps is None else sample_steps
+        if not 1 <= sample_steps <= steps:
+            raise ValueError(f"DDPM needs 1 <= sample_steps <= steps ({steps}), got {sample_steps}")
         self.net = _UNet(channels, size, num_classes, width)
         self.steps, self.guidance, self.drop_prob = steps, guidance, drop_prob
+        self.sample_steps = sample_steps
         betas = torch.linspace(1e-4, 0.02, steps + 1)
         alphas = 1 - betas
+        alpha_bar = torch.cumprod(alphas, 0)
         # Schedules are buffers that are not saved: they follow from `steps`, not from training.
         self.register_buffer("betas", betas, persistent=False)
-        self.register_buffer("alphas", alphas, persistent=False)
-        self.register_buffer("alpha_bar", torch.cumprod(alphas, 0), persistent=False)
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)
+        # The reverse chain's steps, highest first, and for each the beta that takes its noise level
+        # to the next visited step's (step 0 after the last). All steps visited: the trained betas.
+        spacing = (steps - 1) / max(sample_steps - 1, 1)
+        visited = torch.tensor([round(steps - i * spacing) for i in range(sample_steps)], dtype=torch.long)
+        if sample_steps == steps:
+            chain_betas = betas[visited]
+        else:
+            below = torch.cat([visited[1:], torch.zeros(1, dtype=torch.long)])
+            chain_betas = 1 - alpha_bar[visited] / alpha_bar[below]
+        self.register_buffer("chain_steps", visited, persistent=False)
+        self.register_buffer("chain_betas", chain_betas, persistent=False)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         t = torch.randint(1, self.steps + 1, (x.shape[0],), device=x.device)
@@ -116,14 +139,14 @@ class DDPM(Generator):
         guided = self.guidance > 0
         if guided:
             context = torch.cat([context, torch.zeros_like(context)])
-        for step in range(self.steps, 0, -1):
+        last = len(self.chain_steps) - 1
+        for i, (step, beta) in enumerate(zip(self.chain_steps.tolist(), self.chain_betas, strict=True)):
             t = torch.full((len(context),), step / self.steps, device=labels.device)
             eps = self.net(torch.cat([x, x]) if guided else x, context, t)
             if guided:
                 eps = (1 + self.guidance) * eps[:n] - self.guidance * eps[n:]
-            beta, alpha, bar = self.betas[step], self.alphas[step], self.alpha_bar[step]
-            x = (x - eps * beta / (1 - bar).sqrt()) / alpha.sqrt()
-            if step > 1:
+            x = (x - eps * beta / (1 - self.alpha_bar[step]).sqrt()) / (1 - beta).sqrt()
+            if i < last:
                 x = x + beta.sqrt() * torch.randn_like(x)
         return self.clamp_range(x)
 
