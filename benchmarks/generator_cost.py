@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from gefl.algorithms import generated_shape
 from gefl.config import load_config
@@ -76,6 +77,8 @@ def measure(row: str, sample_steps: list[int], repeats: int) -> dict:
     x = x.relu() if level == FEATURE else x.clamp(-1, 1)  # FE features are >= 0, images in [-1, 1]
     labels = torch.arange(batch) % 10
     optimizer = Adam(generator.parameters(), lr=g.lr)
+    with FlopCounterMode(display=False) as flops:  # one whole step: DCGAN's has a discriminator step too
+        generator.train_step(x, labels, optimizer)
     train_ms = _median_ms(lambda: generator.train_step(x, labels, optimizer), repeats)
     generator.eval()
     # The key is the reverse chain's length for DDPM, "-" for the families that sample in one pass.
@@ -94,7 +97,8 @@ def measure(row: str, sample_steps: list[int], repeats: int) -> dict:
     sample_batches = cfg.rounds * cfg.num_clients * cfg.gefl.generated_passes * (SAMPLES_PER_CLIENT // batch)
     return {
         "row": row, "family": g.family, "preset": g.preset, "params": count_parameters(generator),
-        "train_step_ms": round(train_ms, 2), "sample_ms": {k: round(v, 1) for k, v in sample_ms.items()},
+        "train_step_ms": round(train_ms, 2), "train_step_gflop": round(flops.get_total_flops() / 1e9, 2),
+        "sample_ms": {k: round(v, 1) for k, v in sample_ms.items()},
         "train_batches": train_batches, "sample_batches": sample_batches,
         "generator_cpu_s": {k: round((train_batches * train_ms + sample_batches * ms) / 1000)
                             for k, ms in sample_ms.items()},
@@ -118,21 +122,23 @@ def write_results(out: Path, results: dict) -> None:
         "",
         f"Measured {results['date']} on {results['machine']}, one thread, torch {results['torch']}; "
         f"`{results['command']}`.",
-        "A training step and a batch of samples (64), median of the repeats. Generator CPU: the paper "
-        "schedule's training steps and head-round sample batches times those figures; wall share: over "
-        f"{workers} workers (the cores). Measured wall time: the row's median in paper_fmnist.md; the rest "
-        "(warm-up, classifier training, evaluations) is that less the wall share.",
+        "A training step and a batch of samples (64), median of the repeats; GFLOP/s: the step's counted "
+        "floating-point operations (torch's FlopCounterMode, forward and backward) over its time. "
+        "Generator CPU: the paper schedule's training steps and head-round sample batches times those "
+        f"figures; wall share: over {workers} workers (the cores). Measured wall time: the row's median "
+        "in paper_fmnist.md; the rest (warm-up, classifier training, evaluations) is that less the wall share.",
         "",
-        "| row | params | train step ms | sample steps | sample ms | generator CPU s | wall share s | "
+        "| row | params | train step ms | GFLOP/s | sample steps | sample ms | generator CPU s | wall share s | "
         "measured wall time s | rest s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results["rows"]:
         for steps, ms in m["sample_ms"].items():
             cpu = m["generator_cpu_s"][steps]
             wall = m["measured_wall_s"]
-            lines.append(f"| {m['row']} | {m['params']:,} | {m['train_step_ms']:.1f} | {steps} | {ms:.1f} | "
-                         f"{cpu:,} | {cpu / workers:,.0f} | {'-' if wall is None else f'{wall:.0f}'} | "
+            rate = m["train_step_gflop"] / m["train_step_ms"] * 1000
+            lines.append(f"| {m['row']} | {m['params']:,} | {m['train_step_ms']:.1f} | {rate:.0f} | {steps} | "
+                         f"{ms:.1f} | {cpu:,} | {cpu / workers:,.0f} | {'-' if wall is None else f'{wall:.0f}'} | "
                          f"{'-' if wall is None else f'{wall - cpu / workers:.0f}'} |")
     lines += ["", *results.get("notes", [])]
     out.with_suffix(".md").write_text("\n".join(lines).rstrip() + "\n")
