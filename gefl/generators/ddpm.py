@@ -103,7 +103,6 @@ class DDPM(Generator):
             raise ValueError(f"DDPM needs 1 <= sample_steps <= steps ({steps}), got {sample_steps}")
         self.net = _UNet(channels, size, num_classes, width)
         self.steps, self.guidance, self.drop_prob = steps, guidance, drop_prob
-        self.sample_steps = sample_steps
         betas = torch.linspace(1e-4, 0.02, steps + 1)
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, 0)
