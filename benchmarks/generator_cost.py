@@ -39,19 +39,15 @@ from gefl.generators import FEATURE, build_generator, generator_spec
 from gefl.optim import Adam
 from gefl.tiers.models import count_parameters
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_fmnist import VARIANTS, config_path  # noqa: E402  (a sibling script, not a package)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "generator_cost"
 SAMPLES_PER_CLIENT = 600
-ROWS = {
-    # row of benchmarks/results/paper_fmnist.md -> (config, generator preset)
-    "gefl-cvae-small": ("fmnist-gefl-cvae", "small"),
-    "gefl-dcgan-small": ("fmnist-gefl-dcgan", "small"),
-    "gefl-ddpm-small": ("fmnist-gefl-ddpm", "small"),
-    "gefl-f-cvae-small": ("fmnist-gefl-f-cvae", "small"),
-    "gefl-f-dcgan-small": ("fmnist-gefl-f-dcgan", "small"),
-    "gefl-f-ddpm-small": ("fmnist-gefl-f-ddpm", "small"),
-    "gefl-f-light": ("fmnist-gefl-f-light", "light"),
-}
+ROWS = [f"{family}-small" for family in ("gefl-cvae", "gefl-dcgan", "gefl-ddpm", "gefl-f-cvae", "gefl-f-dcgan",
+                                          "gefl-f-ddpm")] + ["gefl-f-light"]
+"""Rows of benchmarks/results/paper_fmnist.md, configured as paper_fmnist.py configures them."""
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -66,8 +62,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 def measure(row: str, sample_steps: list[int], repeats: int) -> dict:
     """One row's generator: a training step and a batch of samples, then the run's projection."""
-    config, preset = ROWS[row]
-    cfg = load_config(ROOT / "configs" / "paper" / f"{config}.yaml", [f"gefl.generator.preset={preset}"])
+    base, overrides = VARIANTS.get(row, (row, []))
+    cfg = load_config(config_path(base, noniid=False), overrides)
     g, batch = cfg.gefl.generator, cfg.train.batch_size
     level = generator_spec(g.family).level
     shape = generated_shape(level, 1)
@@ -105,12 +101,11 @@ def measure(row: str, sample_steps: list[int], repeats: int) -> dict:
     }
 
 
-def _measured_wall(row: str) -> float | None:
+def _measured_walls() -> dict[str, float]:
+    """Each row's median wall time in paper_fmnist.json (rows not measured yet are absent)."""
     path = ROOT / "benchmarks" / "results" / "paper_fmnist.json"
-    if not path.is_file():
-        return None
-    runs = json.loads(path.read_text())["configs"].get(row, {}).get("runs", [])
-    return statistics.median(r["wall_time_s"] for r in runs) if runs else None
+    configs = json.loads(path.read_text())["configs"] if path.is_file() else {}
+    return {row: statistics.median(r["wall_time_s"] for r in c["runs"]) for row, c in configs.items() if c["runs"]}
 
 
 def write_results(out: Path, results: dict) -> None:
@@ -158,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.workers < 1 or any(s < 1 for s in args.sample_steps):
         parser.error("--repeats, --workers and --sample-steps must be >= 1")
     torch.set_num_threads(1)
-    rows = []
-    for row in args.rows or list(ROWS):
+    rows, walls = [], _measured_walls()
+    for row in args.rows or ROWS:
         m = measure(row, args.sample_steps, args.repeats)
-        m["measured_wall_s"] = _measured_wall(row)
+        m["measured_wall_s"] = walls.get(row)
         rows.append(m)
         print(f"{row}: train step {m['train_step_ms']:.1f} ms, samples {m['sample_ms']} ms per 64, "
               f"generator CPU {m['generator_cpu_s']} s", flush=True)
